@@ -1,0 +1,123 @@
+"""Median ``step()`` time of DessiLBI vs ``torch.optim.SGD(momentum=0.9, foreach=True)``.
+
+Parameter shapes of CIFAR ResNet-56 and VGG16-BN, gradients fixed, V prepared so that about half
+of the filters (and half of the linear weights) are in the support of Γ. All optimizers are timed
+in one process with interleaved repetitions, so the ratios are comparable even on a noisy
+machine. Prints a Markdown table; ``--out FILE`` also writes it.
+
+    python benchmarks/optimizer_step.py [--reps 40] [--models resnet56 vgg16_bn] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi.models import create_model
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prepare(name: str, device: str) -> tuple[torch.nn.Module, dict[str, Callable[[], object]]]:
+    torch.manual_seed(0)
+    base = create_model(name, 10, 3, 32).to(device)
+    for p in base.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    opts: dict[str, torch.optim.Optimizer] = {}
+    models = {}
+    for impl in ("sgd-foreach", "dessilbi-single", "dessilbi-foreach", "dessilbi-fused"):
+        model = create_model(name, 10, 3, 32).to(device)
+        model.load_state_dict(base.state_dict())
+        for p, q in zip(model.parameters(), base.parameters()):
+            p.grad = q.grad.clone()
+        if impl == "sgd-foreach":
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
+        else:
+            opt = DessiLBI(lbi_param_groups(model), lr=1e-4, nu=100.0, lambda_=1.0,
+                           foreach=impl.endswith("foreach"), fused=impl.endswith("fused"))
+            opt.step()  # create V and the momentum buffers (and compile the fused path)
+            _half_support(opt)
+        opts[impl] = opt
+        models[impl] = model
+    return base, opts
+
+
+@torch.no_grad()
+def _half_support(opt: DessiLBI) -> None:
+    """Set V so that every other filter / weight is above the threshold λ = 1."""
+    for p in opt.penalised_params():
+        v = opt.state[p]["V"]
+        v.copy_(torch.randn_like(v))
+        if opt.penalty_of(p) == "group":
+            rows = v.flatten(1) if v.is_contiguous() else v.reshape(v.shape[0], -1)
+            norms = rows.norm(dim=1).clamp_min(1e-12)
+            target = torch.where(torch.arange(v.shape[0], device=v.device) % 2 == 0, 2.0, 0.5)
+            v.mul_((target / norms).reshape((-1,) + (1,) * (v.ndim - 1)))
+        else:
+            v.copy_(torch.where(torch.rand_like(v) < 0.5, 2.0, 0.5) * torch.sign(v))
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+
+
+def run(names: list[str], reps: int, device: str) -> str:
+    rows = ["| model | params | optimizer | median step (ms) | ratio vs SGD-foreach | "
+            "state / param bytes | Γ filter density |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        base, opts = prepare(name, device)
+        n_params = sum(p.numel() for p in base.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        times: dict[str, list[float]] = {k: [] for k in opts}
+        for _ in range(3):
+            for opt in opts.values():
+                opt.step()
+        for _ in range(reps):
+            for impl, opt in opts.items():  # interleaved: every impl sees the same noise
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(device)
+                times[impl].append(time.perf_counter() - t0)
+        sgd = statistics.median(times["sgd-foreach"])
+        for impl, opt in opts.items():
+            med = statistics.median(times[impl])
+            density = "—"
+            if isinstance(opt, DessiLBI):
+                convs = [p for p in opt.penalised_params() if opt.penalty_of(p) == "group"]
+                kept = sum(int(opt.support(p).flatten(1).any(1).sum()) for p in convs)
+                density = f"{kept / sum(p.shape[0] for p in convs):.2f}"
+            rows.append(
+                f"| {name} | {n_params:,} | {impl} | {med * 1e3:.3f} | {med / sgd:.2f} | "
+                f"{state_bytes(opt) / param_bytes:.2f} | {density} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet56", "vgg16_bn"])
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    table = run(args.models, args.reps, args.device)
+    header = (f"torch {torch.__version__}, device {args.device}, "
+              f"{torch.get_num_threads()} threads, {args.reps} interleaved repetitions\n\n")
+    print(header + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+r"""The DessiLBI optimizer (Deep structurally splitting Linearized Bregman Iteration).
+
+DessiLBI couples every penalised weight tensor W with a sparse variable Γ through the loss
+
+.. math::
+    \bar L(W, Γ) = L(W) + \frac{1}{2ν} \lVert W - Γ \rVert^2
+
+and runs, with learning rate α, a linearised Bregman iteration on Γ whose path Γ(t) is an inverse
+scale space: Γ starts at 0 and the most important weights (or whole filters) enter its support
+first. One step, per parameter W with gradient g (right-hand sides use values before the step):
+
+.. math::
+    g &\leftarrow g + \text{wd}\, W \\
+    b &\leftarrow m\, b + (1 - \text{dampening})\, g
+        \quad (b \leftarrow g \text{ on the first step}) \\
+    d &\leftarrow g + m\, b \text{ (Nesterov)} \quad\text{else}\quad d \leftarrow b \\
+    W &\leftarrow W - ακ\, d - \frac{ακ}{ν} (W - Γ) \\
+    V &\leftarrow V + \frac{α}{ν} (W - Γ) \\
+    Γ &\leftarrow κ \operatorname{prox}_λ(V)
+
+Parameters with ``penalty="none"`` take the plain step ``W ← W − ακ d`` (the factor κ follows the
+authors' reference implementation). The coupling term never enters the momentum buffer.
+
+The optimizer state of a penalised parameter is V (``state["V"]``) and the momentum buffer;
+Γ = κ prox_λ(V) is recomputed when needed, so the state costs at most 2× the parameter bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .prox import GROUP_NORMS, group_scale, prox, soft_threshold
+
+__all__ = ["DessiLBI", "resolve_penalty", "PENALTY_CHOICES"]
+
+PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")
+
+
+def resolve_penalty(penalty: str, param: Tensor) -> str:
+    """The concrete penalty of ``param`` in a group whose penalty is ``penalty``.
+
+    ``"auto"`` is for parameters handed over without module information (``model.parameters()``):
+    tensors with ≥ 3 dimensions (convolution kernels) get ``"group"``, matrices ``"lasso"`` and
+    vectors / scalars ``"none"``. :func:`dessilbi.lbi_param_groups` decides from module types
+    instead and should be preferred.
+    """
+    if penalty != "auto":
+        return penalty
+    if param.ndim >= 3:
+        return "group"
+    if param.ndim == 2:
+        return "lasso"
+    return "none"
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the field for every invalid hyper-parameter of ``group``."""
+
+    def bad(field: str, value: Any, why: str) -> ValueError:
+        return ValueError(f"invalid {field}={value!r}: {why}")
+
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise bad("lr", lr, "a tensor lr must have one element")
+        lr = float(lr)
+    checks = [
+        ("lr", lr, lr >= 0.0 and math.isfinite(lr), "must be a finite number >= 0"),
+        ("kappa", group["kappa"], group["kappa"] > 0.0 and math.isfinite(group["kappa"]),
+         "must be a finite number > 0"),
+        ("nu", group["nu"], group["nu"] > 0.0, "must be > 0 (math.inf disables the coupling)"),
+        ("lambda_", group["lambda_"], group["lambda_"] >= 0.0 and math.isfinite(group["lambda_"]),
+         "must be a finite number >= 0"),
+        ("momentum", group["momentum"], 0.0 <= group["momentum"] < 1.0, "must be in [0, 1)"),
+        ("dampening", group["dampening"], 0.0 <= group["dampening"] <= 1.0, "must be in [0, 1]"),
+        ("weight_decay", group["weight_decay"],
+         group["weight_decay"] >= 0.0 and math.isfinite(group["weight_decay"]),
+         "must be a finite number >= 0"),
+    ]
+    for field, value, ok, why in checks:
+        if isinstance(value, bool) or not ok:  # `not ok` also catches NaN comparisons
+            raise bad(field, value, why)
+    if group["penalty"] not in PENALTY_CHOICES:
+        raise bad("penalty", group["penalty"], f"must be one of {PENALTY_CHOICES}")
+    if group["group_norm"] not in GROUP_NORMS:
+        raise bad("group_norm", group["group_norm"], f"must be one of {GROUP_NORMS}")
+    if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
+        raise bad("nesterov", True, "requires momentum > 0 and dampening = 0")
+
+
+class DessiLBI(Optimizer):
+    r"""DessiLBI as a drop-in :class:`torch.optim.Optimizer`.
+
+    Args:
+        params: parameters or parameter groups, best built with
+            :func:`dessilbi.lbi_param_groups` (penalties chosen from module types).
+        lr: learning rate α.
+        kappa: κ, the damping of the inverse scale space; every step is scaled by κ (default 1).
+        nu: ν, the coupling strength of ``‖W − Γ‖² / (2ν)``; larger ν means a slower path
+            (default 100; ``math.inf`` turns DessiLBI into SGD with learning rate α κ).
+        lambda_: λ, the threshold of the proximal map (default 1).
+        penalty: ``"lasso"`` (element-wise), ``"group"`` (one group per output filter / neuron),
+            ``"none"`` (plain SGD-momentum) or ``"auto"`` (decided per tensor from its number of
+            dimensions, see :func:`resolve_penalty`).
+        group_norm: ``"l2"`` thresholds ‖V_g‖₂, ``"rms"`` thresholds ‖V_g‖₂ / √n_g.
+        momentum: momentum factor m in [0, 1) (default 0.9).
+        dampening: dampening of the momentum (default 0).
+        nesterov: Nesterov momentum (default False).
+        weight_decay: L2 penalty added to the gradient (default 0).
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it
+            when all tensors are on CUDA, as ``torch.optim`` does.
+        fused: run the update as a ``torch.compile``-d kernel that reads every tensor once
+            (the fastest path for long runs; the first step pays the compilation).
+
+    State per penalised parameter: ``V`` (same shape as the parameter) and ``momentum_buffer``.
+    Γ is available through :meth:`gamma`, its support through :meth:`support` and :meth:`masks`.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(),
+        ...                             torch.nn.LazyLinear(10))
+        >>> _ = model(torch.zeros(1, 1, 8, 8))
+        >>> from dessilbi import lbi_param_groups
+        >>> opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=100.0)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 0.1,
+        kappa: float = 1.0,
+        nu: float = 100.0,
+        lambda_: float = 1.0,
+        penalty: str = "auto",
+        group_norm: str = "l2",
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        fused: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, penalty=penalty, group_norm=group_norm,
+            momentum=momentum, dampening=dampening, nesterov=nesterov,
+            weight_decay=weight_decay, foreach=foreach, fused=fused,
+        )
+        _check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after validating its hyper-parameters and that no parameter repeats."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        ids = [id(p) for p in params]
+        if len(set(ids)) != len(ids) or seen.intersection(ids):
+            raise ValueError(
+                "invalid params: a parameter appears in more than one parameter group "
+                "(or twice in one group)"
+            )
+        merged = {**self.defaults, **param_group, "params": params}
+        _check_group(merged)
+        for p in params:
+            if p.is_sparse:
+                raise ValueError("invalid params: DessiLBI does not support sparse parameters")
+        super().add_param_group({**param_group, "params": params})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in ("foreach", "fused"):
+                group.setdefault(key, self.defaults.get(key))
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """Perform one DessiLBI step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            by_penalty: dict[str, _Bundle] = defaultdict(_Bundle)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "DessiLBI does not support sparse gradients; use a dense embedding "
+                        "(sparse=False) or put that parameter in another optimizer"
+                    )
+                state = self.state[p]
+                pen = resolve_penalty(group["penalty"], p)
+                if pen != "none" and "V" not in state:
+                    state["V"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                by_penalty[pen].add(p, state)
+            for pen, bundle in by_penalty.items():
+                dessilbi_update(
+                    bundle.params,
+                    [p.grad for p in bundle.params],
+                    bundle.bufs,
+                    bundle.vs,
+                    penalty=pen,
+                    lr=group["lr"],
+                    kappa=group["kappa"],
+                    nu=group["nu"],
+                    lambda_=group["lambda_"],
+                    group_norm=group["group_norm"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"],
+                    foreach=group["foreach"],
+                    fused=group["fused"],
+                    compiled_cache=self._compiled_cache(),
+                )
+                if group["momentum"] != 0.0:
+                    for st, buf in zip(bundle.states, bundle.bufs):
+                        st["momentum_buffer"] = buf
+        return loss
+
+    def _compiled_cache(self) -> dict[str, Any]:
+        # Held by the instance (not the module) so compiled kernels die with the optimizer.
+        cache = self.__dict__.get("_compiled")
+        if cache is None:
+            cache = {}
+            self.__dict__["_compiled"] = cache
+        return cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled", None)
+        return state
+
+    # ------------------------------------------------------- the sparse path
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError("invalid param: this tensor is not managed by the optimizer")
+
+    def penalty_of(self, param: Tensor) -> str:
+        """The concrete penalty (``"lasso"``, ``"group"`` or ``"none"``) applied to ``param``."""
+        return resolve_penalty(self._group_of(param)["penalty"], param)
+
+    def penalised_params(self) -> list[Tensor]:
+        """All parameters with a lasso or group penalty, in parameter-group order."""
+        return [
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if resolve_penalty(g["penalty"], p) != "none"
+        ]
+
+    @torch.no_grad()
+    def gamma(self, param: Tensor) -> Tensor:
+        """Γ = κ prox_λ(V) of a penalised parameter (zeros before its first step)."""
+        group = self._group_of(param)
+        pen = resolve_penalty(group["penalty"], param)
+        if pen == "none":
+            raise ValueError("invalid param: it has penalty 'none', so it has no Γ")
+        v = self.state[param].get("V")
+        if v is None:
+            return torch.zeros_like(param)
+        return prox(v, pen, group["lambda_"], group["group_norm"]).mul_(group["kappa"])
+
+    def support(self, param: Tensor) -> Tensor:
+        """Boolean mask of supp(Γ) = {Γ ≠ 0}, shape of ``param`` (whole filters for ``group``)."""
+        return self.gamma(param) != 0
+
+    def masks(self) -> dict[Tensor, Tensor]:
+        """{parameter: support mask} for every penalised parameter."""
+        return {p: self.support(p) for p in self.penalised_params()}
+
+    def densities(self) -> dict[Tensor, float]:
+        """{parameter: |supp(Γ)| / |W|} for every penalised parameter."""
+        return {p: float(m.float().mean()) for p, m in self.masks().items()}
+
+    def density(self) -> float:
+        """|supp(Γ)| / |W| over all penalised parameters together (0 when there are none)."""
+        masks = self.masks()
+        total = sum(m.numel() for m in masks.values())
+        if total == 0:
+            return 0.0
+        return float(sum(int(m.sum()) for m in masks.values())) / total
+
+
+class _Bundle:
+    """The tensors of one (group, penalty) pair that take part in a step."""
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.states: list[dict[str, Any]] = []
+        self.bufs: list[Tensor | None] = []
+        self.vs: list[Tensor | None] = []
+
+    def add(self, p: Tensor, state: dict[str, Any]) -> None:
+        self.params.append(p)
+        self.states.append(state)
+        self.bufs.append(state.get("momentum_buffer"))
+        self.vs.append(state.get("V"))
+
+
+# ---------------------------------------------------------------------------
+# Functional API, in the style of torch.optim.sgd.sgd
+# ---------------------------------------------------------------------------
+def dessilbi_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor | None],
+    vs: list[Tensor | None],
+    *,
+    penalty: str,
+    lr: float | Tensor,
+    kappa: float,
+    nu: float,
+    lambda_: float,
+    group_norm: str,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    foreach: bool | None = None,
+    fused: bool = False,
+    compiled_cache: dict[str, Any] | None = None,
+) -> None:
+    """One DessiLBI step on lists of tensors sharing one penalty (updates in place).
+
+    ``bufs`` entries that are ``None`` are initialised (b ← g) and written back into the list.
+    ``vs`` must hold V for every tensor when ``penalty`` is not ``"none"``.
+    """
+    if not params:
+        return
+    if penalty not in ("lasso", "group", "none"):
+        raise ValueError(f"invalid penalty={penalty!r}")
+    hp = dict(
+        penalty=penalty, lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, group_norm=group_norm,
+        momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+    )
+    if fused:
+        from ._fused import fused_update
+
+        fused_update(params, grads, bufs, vs, cache=compiled_cache, **hp)
+        return
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    hp["lr"] = lr
+    if foreach is None:
+        # As torch.optim does: the multi-tensor kernels pay off on CUDA; on CPU they only add
+        # transient memory (measured 2× slower than the per-tensor loop on VGG16-BN).
+        foreach = all(p.device.type == "cuda" for p in params)
+    if foreach:
+        for idx in _group_by_device_dtype(params):
+            sub_bufs = [bufs[i] for i in idx]
+            _multi_tensor(
+                [params[i] for i in idx], [grads[i] for i in idx], sub_bufs,
+                [vs[i] for i in idx], **hp,
+            )
+            for i, b in zip(idx, sub_bufs):
+                bufs[i] = b
+    else:
+        _single_tensor(params, grads, bufs, vs, **hp)
+
+
+def _group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return list(groups.values())
+
+
+def _unscaled_gamma(v: Tensor, penalty: str, lambda_: float, group_norm: str) -> Tensor:
+    """prox_λ(V) (Γ / κ) as a new tensor."""
+    if penalty == "lasso":
+        return soft_threshold(v, lambda_)
+    scale = group_scale(v, lambda_, 0, group_norm)
+    return v * scale.reshape((-1,) + (1,) * (v.ndim - 1)) if v.ndim else v * scale.reshape(())
+
+
+def _single_tensor(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+    vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
+    lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
+    weight_decay: float,
+) -> None:
+    step = lr * kappa
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if weight_decay != 0.0:
+            g = g.add(w, alpha=weight_decay)
+        if momentum != 0.0:
+            b = bufs[i]
+            if b is None:
+                b = torch.clone(g).detach()
+                bufs[i] = b
+            else:
+                b.mul_(momentum).add_(g, alpha=1.0 - dampening)
+            d = g.add(b, alpha=momentum) if nesterov else b
+        else:
+            d = g
+        if penalty != "none":
+            v = vs[i]
+            assert v is not None
+            # diff = W − Γ with the values before this step; it drives both V and W.
+            diff = _unscaled_gamma(v, penalty, lambda_, group_norm).mul_(-kappa).add_(w)
+            v.add_(diff, alpha=lr / nu)
+            w.add_(diff, alpha=-step / nu)
+        w.add_(d, alpha=-step)
+
+
+def _multi_tensor(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+    vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
+    lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
+    weight_decay: float,
+) -> None:
+    step = lr * kappa
+    if weight_decay != 0.0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0.0:
+        old = [i for i, b in enumerate(bufs) if b is not None]
+        if old:
+            old_bufs = [bufs[i] for i in old]
+            torch._foreach_mul_(old_bufs, momentum)
+            torch._foreach_add_(old_bufs, [grads[i] for i in old], alpha=1.0 - dampening)
+        for i, b in enumerate(bufs):
+            if b is None:
+                bufs[i] = torch.clone(grads[i]).detach()
+        d = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    else:
+        d = grads
+    if penalty != "none":
+        gam = [_unscaled_gamma(v, penalty, lambda_, group_norm) for v in vs]
+        diff = torch._foreach_sub(params, gam, alpha=kappa)
+        torch._foreach_add_(vs, diff, alpha=lr / nu)
+        torch._foreach_add_(params, diff, alpha=-step / nu)
+    torch._foreach_add_(params, d, alpha=-step)

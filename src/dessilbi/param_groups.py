@@ -1,0 +1,127 @@
+"""Parameter groups for :class:`~dessilbi.DessiLBI`, decided from module types.
+
+Convolution weights get the structural ``"group"`` penalty (one group per output filter),
+linear weights the element-wise ``"lasso"``, and biases, normalisation layers and everything else
+``"none"`` (plain SGD-momentum). Weight decay, when asked for, is applied to conv / linear weights
+and other parameters but not to biases and normalisation parameters. Nothing is decided from
+parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .optim import PENALTY_CHOICES
+
+__all__ = ["lbi_param_groups", "NORM_TYPES", "CONV_TYPES", "LINEAR_TYPES"]
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def lbi_param_groups(
+    model: nn.Module,
+    *,
+    conv_penalty: str = "group",
+    linear_penalty: str = "lasso",
+    weight_decay: float = 0.0,
+    exclude: Iterable[nn.Module | str | type[nn.Module]] = (),
+    conv_options: dict[str, Any] | None = None,
+    linear_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Build parameter groups for DessiLBI from the module types of ``model``.
+
+    Args:
+        model: the network. Lazy modules must be materialised (run one forward first).
+        conv_penalty: penalty of convolution weights (``"group"``, ``"lasso"`` or ``"none"``).
+        linear_penalty: penalty of linear weights (``"lasso"``, ``"group"`` for one group per
+            output neuron, or ``"none"``).
+        weight_decay: weight decay of conv / linear weights and of other non-norm parameters;
+            biases and normalisation parameters always get 0.
+        exclude: modules (objects, qualified names as in ``named_modules()``, or types) whose
+            weights get no penalty, e.g. the classifier: ``exclude=["fc"]``. Excluding a module
+            excludes its children.
+        conv_options / linear_options: extra per-group hyper-parameters, e.g.
+            ``{"lambda_": 0.1, "group_norm": "rms"}`` for the CIFAR settings of the paper.
+
+    Returns:
+        A list of parameter-group dicts (empty groups dropped), each with a ``"name"`` key
+        (``"conv"``, ``"linear"``, ``"no_decay"``, ``"other"``) and its ``"penalty"`` and
+        ``"weight_decay"``. Parameters shared by several modules appear once.
+    """
+    for field, value in (("conv_penalty", conv_penalty), ("linear_penalty", linear_penalty)):
+        if value not in PENALTY_CHOICES or value == "auto":
+            raise ValueError(f"invalid {field}={value!r}: must be 'lasso', 'group' or 'none'")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"invalid weight_decay={weight_decay!r}: must be >= 0")
+
+    excluded = _excluded_modules(model, exclude)
+    buckets: dict[str, list[nn.Parameter]] = {"conv": [], "linear": [], "no_decay": [], "other": []}
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            buckets[_bucket_of(module, p, excluded)].append(p)
+
+    penalised = {"conv": conv_penalty, "linear": linear_penalty}
+    groups: list[dict[str, Any]] = []
+    for name, params in buckets.items():
+        if not params:
+            continue
+        group: dict[str, Any] = {"params": params, "name": name}
+        if name in penalised:
+            group["penalty"] = penalised[name]
+            group["weight_decay"] = weight_decay
+            group.update((conv_options if name == "conv" else linear_options) or {})
+        else:
+            group["penalty"] = "none"
+            group["weight_decay"] = weight_decay if name == "other" else 0.0
+        groups.append(group)
+    return groups
+
+
+def _bucket_of(module: nn.Module, p: nn.Parameter, excluded: set[int]) -> str:
+    if isinstance(module, NORM_TYPES):
+        return "no_decay"
+    is_weight = p is getattr(module, "weight", None)
+    if isinstance(module, CONV_TYPES + LINEAR_TYPES) and not is_weight:
+        return "no_decay"  # the bias
+    if id(module) in excluded:
+        return "other"
+    if is_weight and isinstance(module, CONV_TYPES):
+        return "conv"
+    if is_weight and isinstance(module, LINEAR_TYPES):
+        return "linear"
+    return "other"
+
+
+def _excluded_modules(
+    model: nn.Module, exclude: Iterable[nn.Module | str | type[nn.Module]]
+) -> set[int]:
+    named = dict(model.named_modules())
+    roots: list[nn.Module] = []
+    for item in exclude:
+        if isinstance(item, nn.Module):
+            roots.append(item)
+        elif isinstance(item, str):
+            if item not in named:
+                raise ValueError(
+                    f"invalid exclude={item!r}: no such module; known: {sorted(named)[:20]}"
+                )
+            roots.append(named[item])
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            roots.extend(m for m in model.modules() if isinstance(m, item))
+        else:
+            raise ValueError(f"invalid exclude={item!r}: expected a module, a name or a type")
+    return {id(m) for root in roots for m in root.modules()}

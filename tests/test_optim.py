@@ -1,0 +1,377 @@
+"""DessiLBI against a naive implementation of ../shared/spec/ALGORITHM.md, and its contract."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dessilbi import DessiLBI, lbi_param_groups
+
+
+# ---------------------------------------------------------------- naive reference
+def naive_prox(v, penalty, lam, group_norm):
+    if penalty == "lasso":
+        return torch.sign(v) * torch.clamp(v.abs() - lam, min=0.0)
+    out = torch.zeros_like(v)
+    for r in range(v.shape[0]):
+        row = v[r]
+        norm = math.sqrt(float((row * row).sum()))
+        if group_norm == "rms":
+            norm /= math.sqrt(row.numel())
+        if norm > 0:
+            out[r] = row * max(0.0, 1.0 - lam / norm)
+    return out
+
+
+class NaiveDessiLBI:
+    """The equations of ALGORITHM.md, literally, one tensor at a time, with Γ stored."""
+
+    def __init__(self, groups, lr, kappa, nu, lam, momentum, dampening, nesterov):
+        self.groups = groups
+        self.h = dict(lr=lr, kappa=kappa, nu=nu, lam=lam, m=momentum, damp=dampening,
+                      nesterov=nesterov)
+        self.state = {}
+
+    def step(self):
+        h = self.h
+        a, k, nu = h["lr"], h["kappa"], h["nu"]
+        for group in self.groups:
+            pen, wd = group["penalty"], group.get("weight_decay", 0.0)
+            lam = group.get("lambda_", h["lam"])
+            gnorm = group.get("group_norm", "l2")
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                st = self.state.setdefault(w, {"V": torch.zeros_like(w), "G": torch.zeros_like(w)})
+                g = w.grad + wd * w
+                if h["m"] != 0:
+                    if "b" not in st:
+                        st["b"] = g.clone()
+                    else:
+                        st["b"] = h["m"] * st["b"] + (1 - h["damp"]) * g
+                    d = g + h["m"] * st["b"] if h["nesterov"] else st["b"]
+                else:
+                    d = g
+                W0, V0, G0 = w.detach().clone(), st["V"], st["G"]
+                with torch.no_grad():
+                    if pen == "none":
+                        w.copy_(W0 - a * k * d)
+                    else:
+                        w.copy_(W0 - a * k * d - (a * k / nu) * (W0 - G0))
+                        st["V"] = V0 - (a / nu) * (G0 - W0)
+                        st["G"] = k * naive_prox(st["V"], pen, lam, gnorm)
+
+
+def small_model():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.ReLU(),
+        nn.Linear(8, 5),
+    ).double()
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 2, 6, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 5, (16,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad() if hasattr(opt, "zero_grad") else model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+CONFIGS = [
+    dict(momentum=0.0, dampening=0.0, nesterov=False, wd=0.0),
+    dict(momentum=0.9, dampening=0.0, nesterov=False, wd=0.0),
+    dict(momentum=0.9, dampening=0.0, nesterov=True, wd=1e-3),
+    dict(momentum=0.5, dampening=0.3, nesterov=False, wd=1e-2),
+]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("group_norm", ["l2", "rms"])
+def test_matches_naive_equations(foreach, cfg, group_norm):
+    model = small_model()
+    ref_model = copy.deepcopy(model)
+    hp = dict(lr=0.1, kappa=1.5, nu=0.8, lam=0.05, momentum=cfg["momentum"],
+              dampening=cfg["dampening"], nesterov=cfg["nesterov"])
+    opt = DessiLBI(
+        lbi_param_groups(model, weight_decay=cfg["wd"], conv_options={"group_norm": group_norm}),
+        lr=hp["lr"], kappa=hp["kappa"], nu=hp["nu"], lambda_=hp["lam"], momentum=hp["momentum"],
+        dampening=hp["dampening"], nesterov=hp["nesterov"], foreach=foreach,
+    )
+    ref = NaiveDessiLBI(
+        lbi_param_groups(ref_model, weight_decay=cfg["wd"],
+                         conv_options={"group_norm": group_norm}), **hp,
+    )
+    data = batches(25)
+    train(model, opt, data)
+    train(ref_model, ref, data)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert (p - q).abs().max() <= 1e-10
+    n_support = 0
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        if q in ref.state and opt.penalty_of(p) != "none":
+            assert (opt.state[p]["V"] - ref.state[q]["V"]).abs().max() <= 1e-10
+            gam = opt.gamma(p)
+            assert (gam - ref.state[q]["G"]).abs().max() <= 1e-10
+            assert torch.equal(opt.support(p), ref.state[q]["G"] != 0)
+            n_support += int(opt.support(p).sum())
+    # the run must exercise the thresholds: some entries in the support, some not
+    total = sum(p.numel() for p in opt.penalised_params())
+    assert 0 < n_support < total
+
+
+def test_foreach_equals_single_tensor():
+    models = [small_model().float() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [DessiLBI(lbi_param_groups(m, weight_decay=1e-4), lr=0.1, nu=0.5, lambda_=0.05,
+                     nesterov=True, foreach=fe) for m, fe in zip(models, (False, True))]
+    data = [(x.float(), y) for x, y in batches(20)]
+    for m, o in zip(models, opts):
+        train(m, o, data)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_nu_infinity_is_sgd_with_lr_times_kappa(nesterov):
+    model = small_model()
+    ref_model = copy.deepcopy(model)
+    lr, kappa = 0.05, 2.0
+    opt = DessiLBI(lbi_param_groups(model, weight_decay=1e-3), lr=lr, kappa=kappa, nu=math.inf,
+                   momentum=0.9, nesterov=nesterov)
+    sgd = torch.optim.SGD(
+        [{**g, "params": g["params"]} for g in lbi_param_groups(ref_model, weight_decay=1e-3)],
+        lr=lr * kappa, momentum=0.9, nesterov=nesterov,
+    )
+    data = batches(20)
+    train(model, opt, data)
+    train(ref_model, sgd, data)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert opt.density() == 0.0  # V never moves, so Γ stays 0
+
+
+def test_first_step_sets_v_to_scaled_initial_weights():
+    model = small_model()
+    w0 = {p: p.detach().clone() for p in model.parameters()}
+    lr, nu = 0.1, 50.0
+    opt = DessiLBI(lbi_param_groups(model), lr=lr, nu=nu, lambda_=1.0)
+    train(model, opt, batches(1))
+    for p in opt.penalised_params():
+        torch.testing.assert_close(opt.state[p]["V"], (lr / nu) * w0[p], rtol=0, atol=1e-15)
+        assert not opt.gamma(p).any()  # (lr/ν)·|W₀| is far below λ = 1
+        assert not opt.support(p).any()
+    assert opt.density() == 0.0
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    data = batches(15)
+    model = small_model()
+    opt = DessiLBI(lbi_param_groups(model, weight_decay=1e-4), lr=0.1, nu=0.5, lambda_=0.05)
+    train(model, opt, data[:5])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = small_model()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = DessiLBI(lbi_param_groups(resumed, weight_decay=1e-4), lr=0.1, nu=0.5, lambda_=0.05)
+    opt2.load_state_dict(ckpt["opt"])
+    train(model, opt, data[5:])
+    train(resumed, opt2, data[5:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(opt.penalised_params(), opt2.penalised_params()):
+        assert torch.equal(opt.state[p]["V"], opt2.state[q]["V"])
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+
+
+def test_closure_loss_is_returned():
+    model = small_model()
+    opt = DessiLBI(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+
+
+def test_parameters_without_grad_are_untouched():
+    model = small_model()
+    frozen = model[0].weight
+    before = frozen.detach().clone()
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state or not opt.state[frozen]
+    assert not opt.gamma(frozen).any()
+
+
+def test_sparse_gradient_error_is_clear():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = DessiLBI(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_channels_last_matches_contiguous():
+    model = small_model().float()
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    data = [(x.float(), y) for x, y in batches(10)]
+    for m in (model, cl):
+        opt = DessiLBI(lbi_param_groups(m), lr=0.1, nu=0.5, lambda_=0.05)
+        train(m, opt, [(x.to(memory_format=torch.channels_last) if m is cl else x, y)
+                       for x, y in data])
+        if m is cl:
+            v = opt.state[m[0].weight]["V"]
+            assert v.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(model.parameters(), cl.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_step_and_overflow_skip():
+    model = small_model().float()
+    ref = copy.deepcopy(model)
+    data = [(x.float(), y) for x, y in batches(5)]
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=0.5, lambda_=0.05)
+    opt_ref = DessiLBI(lbi_param_groups(ref), lr=0.1, nu=0.5, lambda_=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in data:
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    train(ref, opt_ref, data)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # an inf gradient makes the scaler skip the step: nothing moves
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(data[0][0]), data[0][1])).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    scaler.step(opt)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_gamma_support_masks_and_density():
+    model = small_model()
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=0.3, lambda_=0.05)
+    train(model, opt, batches(20))
+    masks = opt.masks()
+    assert set(masks) == set(opt.penalised_params())
+    conv_w = model[0].weight
+    m = masks[conv_w]
+    assert m.dtype == torch.bool and m.shape == conv_w.shape
+    # group penalty: whole filters in or out
+    per_filter = m.flatten(1)
+    assert torch.all(per_filter.all(dim=1) | (~per_filter).any(dim=1) & ~per_filter.any(dim=1))
+    dens = opt.densities()
+    total = sum(x.numel() for x in masks.values())
+    expected = sum(dens[p] * p.numel() for p in masks) / total
+    assert opt.density() == pytest.approx(expected)
+    # Γ ≠ 0 is counted, negative entries included
+    lin = model[6].weight
+    assert torch.equal(opt.support(lin), opt.gamma(lin) != 0)
+    assert (opt.gamma(lin) < 0).any()
+    with pytest.raises(ValueError, match="penalty 'none'"):
+        opt.gamma(model[0].bias)
+    with pytest.raises(ValueError, match="not managed"):
+        opt.gamma(nn.Parameter(torch.zeros(1)))
+
+
+def test_auto_penalty_from_dimensions():
+    model = small_model()
+    opt = DessiLBI(model.parameters(), lr=0.1)
+    assert opt.penalty_of(model[0].weight) == "group"
+    assert opt.penalty_of(model[6].weight) == "lasso"
+    assert opt.penalty_of(model[0].bias) == "none"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(lr=-0.1), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(kappa=0.0), "kappa"),
+        (dict(kappa=-1.0), "kappa"),
+        (dict(nu=0.0), "nu"),
+        (dict(nu=-5.0), "nu"),
+        (dict(lambda_=-1.0), "lambda_"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(dampening=2.0), "dampening"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(momentum=0.0, nesterov=True), "nesterov"),
+        (dict(penalty="l1"), "penalty"),
+        (dict(group_norm="linf"), "group_norm"),
+    ],
+)
+def test_validation_names_field_and_value(kwargs, field):
+    model = small_model()
+    with pytest.raises(ValueError, match=f"invalid {field}="):
+        DessiLBI(model.parameters(), **kwargs)
+    # the same checks apply per group
+    with pytest.raises(ValueError, match=f"invalid {field}="):
+        DessiLBI([{"params": list(model.parameters()), **kwargs}])
+
+
+def test_parameter_in_two_groups_is_rejected():
+    model = small_model()
+    p = list(model.parameters())
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        DessiLBI([{"params": p[:3]}, {"params": p[2:]}])
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    model = small_model().float()
+    gpu = copy.deepcopy(model).cuda()
+    data = [(x.float(), y) for x, y in batches(10)]
+    for m, dev in ((model, "cpu"), (gpu, "cuda")):
+        opt = DessiLBI(lbi_param_groups(m), lr=0.1, nu=0.5, lambda_=0.05)
+        train(m, opt, [(x.to(dev), y.to(dev)) for x, y in data])
+    for p, q in zip(model.parameters(), gpu.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_compiled_path_matches_foreach(nesterov):
+    models = [small_model().float() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    kw = dict(lr=0.1, nu=0.5, lambda_=0.05, nesterov=nesterov, dampening=0.0)
+    opts = [
+        DessiLBI(lbi_param_groups(models[0], weight_decay=1e-3,
+                                  conv_options={"group_norm": "rms"}), foreach=True, **kw),
+        DessiLBI(lbi_param_groups(models[1], weight_decay=1e-3,
+                                  conv_options={"group_norm": "rms"}), fused=True, **kw),
+    ]
+    data = [(x.float(), y) for x, y in batches(12)]
+    for m, o in zip(models, opts):
+        train(m, o, data)
+        o.param_groups[0]["lr"] = 0.05  # a schedule change must not break the compiled path
+        train(m, o, data[:3])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(opts[0].penalised_params(), opts[1].penalised_params()):
+        torch.testing.assert_close(opts[0].state[p]["V"], opts[1].state[q]["V"],
+                                   rtol=1e-5, atol=1e-6)
+        assert torch.equal(opts[0].support(p), opts[1].support(q))

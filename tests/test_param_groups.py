@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch import nn
+
+from dessilbi import DessiLBI, lbi_param_groups
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, bias=False), nn.GroupNorm(2, 8))
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.ones(1))  # a free parameter of an unknown kind
+
+
+def by_name(groups):
+    return {g["name"]: g for g in groups}
+
+
+def ids(params):
+    return {id(p) for p in params}
+
+
+def test_groups_from_module_types():
+    net = Net()
+    groups = by_name(lbi_param_groups(net, weight_decay=1e-4))
+    assert ids(groups["conv"]["params"]) == ids([net.conv.weight, net.body[0].weight])
+    assert groups["conv"]["penalty"] == "group" and groups["conv"]["weight_decay"] == 1e-4
+    assert ids(groups["linear"]["params"]) == ids([net.fc.weight, net.head.weight])
+    assert groups["linear"]["penalty"] == "lasso"
+    no_decay = [net.conv.bias, net.bn.weight, net.bn.bias, net.body[1].weight, net.body[1].bias,
+                net.ln.weight, net.ln.bias, net.fc.bias, net.head.bias]
+    assert ids(groups["no_decay"]["params"]) == ids(no_decay)
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["penalty"] == "none"
+    assert ids(groups["other"]["params"]) == ids([net.scale])
+    assert groups["other"]["weight_decay"] == 1e-4
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(net.parameters()))
+
+
+def test_names_do_not_matter():
+    # a BatchNorm called "conv" and a conv called "bn": types decide, not names
+    net = nn.Module()
+    net.bn = nn.Conv2d(1, 2, 3)
+    net.conv = nn.BatchNorm2d(2)
+    groups = by_name(lbi_param_groups(net))
+    assert ids(groups["conv"]["params"]) == ids([net.bn.weight])
+    assert id(net.conv.weight) in ids(groups["no_decay"]["params"])
+
+
+@pytest.mark.parametrize("how", ["name", "module", "type"])
+def test_exclude(how):
+    net = Net()
+    item = {"name": "head", "module": net.head, "type": None}[how]
+    if how == "type":
+        groups = by_name(lbi_param_groups(net, exclude=[nn.Conv2d]))
+        assert "conv" not in groups
+        assert id(net.conv.weight) in ids(groups["other"]["params"])
+        return
+    groups = by_name(lbi_param_groups(net, exclude=[item]))
+    assert ids(groups["linear"]["params"]) == ids([net.fc.weight])
+    assert id(net.head.weight) in ids(groups["other"]["params"])
+
+
+def test_exclude_parent_excludes_children():
+    net = Net()
+    groups = by_name(lbi_param_groups(net, exclude=["body"]))
+    assert ids(groups["conv"]["params"]) == ids([net.conv.weight])
+
+
+def test_options_penalties_and_errors():
+    net = Net()
+    groups = by_name(lbi_param_groups(
+        net, conv_penalty="lasso", linear_penalty="group",
+        conv_options={"lambda_": 0.1, "group_norm": "rms"},
+    ))
+    assert groups["conv"]["penalty"] == "lasso" and groups["conv"]["lambda_"] == 0.1
+    assert groups["linear"]["penalty"] == "group"
+    with pytest.raises(ValueError, match="invalid conv_penalty="):
+        lbi_param_groups(net, conv_penalty="auto")
+    with pytest.raises(ValueError, match="invalid exclude='nope'"):
+        lbi_param_groups(net, exclude=["nope"])
+    with pytest.raises(ValueError, match="invalid weight_decay="):
+        lbi_param_groups(net, weight_decay=-1.0)
+
+
+def test_shared_parameters_appear_once_and_work_with_optimizer():
+    net = Net()
+    net.tied = net.fc  # the same module twice
+    groups = lbi_param_groups(net)
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids))
+    opt = DessiLBI(groups, lr=0.1)
+    assert opt.penalty_of(net.fc.weight) == "lasso"
+    assert opt.penalty_of(net.bn.weight) == "none"
