@@ -1,0 +1,285 @@
+"""The ``dessilbi`` command line.
+
+    dessilbi train [--config FILE] [--model M --dataset D --optimizer O --kappa K --nu N ...]
+    dessilbi eval RUN_DIR|CHECKPOINT
+    dessilbi sweep --config FILE --grid nu=20,100 --grid seed=0,1
+
+Every ``train`` option can also be set in a YAML / TOML ``--config`` file (command-line flags
+win). Bad input prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, TrainConfig, load_config_file
+from .data import CorruptDatasetError, DatasetNotFoundError
+
+__all__ = ["main"]
+
+log = logging.getLogger("dessilbi")
+
+_HELP = {
+    "model": "network (lenet3, lenet5, conv2/4/6, vgg16_bn, resnet20/32/56/110, alexnet, "
+             "resnet18, resnet50)",
+    "dataset": "default (fashion-mnist if found, else digits), mnist, fashion-mnist, cifar10, "
+               "cifar100, imagenet, digits, synthetic",
+    "optimizer": "dessilbi or a baseline: sgd, sgd-momentum, sgd-momentum-wd, nesterov, adam, "
+                 "adamw, adagrad, amsgrad, radam, adabound",
+    "kappa": "κ: damping; every step is scaled by κ",
+    "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster)",
+    "lambda_": "λ: prox threshold",
+    "lambda_conv": "λ for conv layers (default: --lambda)",
+    "schedule": "none, multistep (with --milestones), cosine, step (with --step-size)",
+    "amp": "none, bf16 or fp16 (fp16 needs CUDA)",
+    "fused": "compiled DessiLBI update (fastest for long runs; compiles on the first step)",
+    "max_train_batches": "truncate every epoch to this many batches (0: whole epoch)",
+    "path_every": "record the solution path every N epochs (0: never)",
+    "name": "run folder name under --runs-dir (default: derived from the configuration)",
+}
+
+
+def _arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _arg_type(inner[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return inner, {"nargs": "*"}
+    if tp is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return tp, {}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field (default None = not given)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.rstrip("_").replace("_", "-")
+        tp, extra = _arg_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": _HELP.get(f.name, f.name.replace("_", " ")), **extra}
+        if tp is not None:
+            kwargs["type"] = tp
+            kwargs["metavar"] = f.name.rstrip("_").upper()
+        p.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data.update(load_config_file(args.config))
+    data.update(extra or {})
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            data[f.name] = v
+    return TrainConfig.from_dict(data, source=str(getattr(args, "config", None) or "options"))
+
+
+# ------------------------------------------------------------------------------- commands
+def _print_table(rows: list[list[str]], out: Callable[[str], None] = print) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        out("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            out("  ".join("-" * w for w in widths))
+
+
+def _density_rows(final: dict[str, Any]) -> list[list[str]]:
+    rows = [["layer", "weights", "non-zero", "density", "filters kept"]]
+    for name, r in final.get("layers", {}).items():
+        kept = f"{r['filters_kept']}/{r['filters']}" if "filters" in r else ""
+        rows.append([name, f"{r['weights']:,}", f"{r['nonzero']:,}", f"{100 * r['density']:.2f}%",
+                     kept])
+    return rows
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    cfg = config_from_args(args)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    final = summary["final"]
+    print(f"\nrun: {summary['run']}   data: {summary['dataset']} ({summary['dataset_source']})")
+    if not final:
+        print("nothing to do: the run had already finished all its epochs")
+        return 0
+    rows = [["model", "epochs", "Full acc", "Sparse acc", "density"],
+            [cfg.model, str(final["epoch"]), f"{final['full_acc']:.2f}%",
+             f"{final['sparse_acc']:.2f}%" if "sparse_acc" in final else "—",
+             f"{100 * final['density']:.2f}%" if "density" in final else "—"]]
+    _print_table(rows)
+    if final.get("layers"):
+        print()
+        _print_table(_density_rows(final))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .engine import build, evaluate
+    from .optim import DessiLBI
+    from .sparsity import applied_masks, layer_report, named_masks, named_penalties
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    ck = load_checkpoint(path)
+    if "config" not in ck or "model" not in ck:
+        raise CheckpointError(f"{path} is not a dessilbi training checkpoint")
+    cfg = TrainConfig.from_dict(ck["config"], source=str(path))
+    if args.device:
+        cfg.device = args.device
+    b = build(cfg)
+    b.model.load_state_dict(ck["model"])
+    b.optimizer.load_state_dict(ck["optimizer"])
+    full = evaluate(b.model, b.test_set, b.device)
+    result: dict[str, Any] = {"checkpoint": str(path), "epoch": ck.get("epoch"), "full_acc": full}
+    if isinstance(b.optimizer, DessiLBI):
+        masks = named_masks(b.model, b.optimizer)
+        with applied_masks(b.model, masks):
+            result["sparse_acc"] = evaluate(b.model, b.test_set, b.device)
+        report = layer_report(masks, named_penalties(b.model, b.optimizer))
+        result["density"] = report.pop("(all)")["density"]
+        result["layers"] = report
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{path} (epoch {result['epoch']}, {cfg.dataset} test set)")
+    _print_table([["Full acc", "Sparse acc", "density"],
+                  [f"{full:.2f}%", f"{result.get('sparse_acc', float('nan')):.2f}%",
+                   f"{100 * result.get('density', 0.0):.2f}%"]])
+    if result.get("layers"):
+        print()
+        _print_table(_density_rows(result))
+    del torch
+    return 0
+
+
+def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"invalid --grid {item!r}: expected key=v1,v2,...")
+        key, values = item.split("=", 1)
+        k = key.replace("-", "_")
+        k = "lambda_" if k == "lambda" else k
+        if k not in known:
+            raise ConfigError(f"invalid --grid key {key!r}: not a training option")
+        tp, _ = _arg_type(hints[k])
+        conv = tp or (lambda s: s.lower() in ("1", "true", "yes"))
+        try:
+            grid[k] = [conv(v) for v in values.split(",") if v != ""]
+        except ValueError as e:
+            raise ConfigError(f"invalid --grid {item!r}: {e}") from e
+        if not grid[k]:
+            raise ConfigError(f"invalid --grid {item!r}: no values")
+    return grid
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .engine import train
+
+    grid = _parse_grid(args.grid)
+    keys = list(grid)
+    combos = list(itertools.product(*grid.values())) or [()]
+    rows = [keys + ["Full acc", "Sparse acc", "density", "run"]]
+    records = []
+    for combo in tqdm(combos, desc="sweep", disable=not sys.stderr.isatty()):
+        cfg = config_from_args(args, dict(zip(keys, combo)))
+        cfg.name = ""  # each grid point gets its own configuration-named folder
+        done = cfg.run_dir() / "summary.json"
+        summary = json.loads(done.read_text()) if done.exists() else train(cfg, resume=True)
+        final = summary["final"]
+        records.append({**dict(zip(keys, combo)), **{k: final.get(k) for k in
+                        ("full_acc", "sparse_acc", "density")}, "run": summary["run"]})
+        rows.append([str(v) for v in combo] + [
+            f"{final['full_acc']:.2f}", f"{final['sparse_acc']:.2f}" if "sparse_acc" in final
+            else "—", f"{100 * final['density']:.2f}%" if "density" in final else "—",
+            Path(summary["run"]).name])
+    _print_table(rows)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dessilbi", description="Train with DessiLBI and read off "
+                                "the sparse structure it finds.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model (no options: the README's main job)")
+    t.add_argument("--config", help="YAML or TOML file of training options")
+    t.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="discard an existing run and restart")
+    add_config_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="Full / Sparse accuracy and per-layer density of a checkpoint")
+    e.add_argument("checkpoint", help="a run folder or a checkpoint.pt")
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sweep", help="grid over options; runs what is missing; one table")
+    s.add_argument("--config", help="YAML or TOML file of the shared training options")
+    s.add_argument("--grid", action="append", default=[],
+                   help="key=v1,v2,... (repeatable), e.g. --grid nu=20,100 --grid seed=0,1")
+    s.add_argument("--out", help="write the summary as JSON here")
+    add_config_arguments(s)
+    s.set_defaults(func=cmd_sweep)
+    for name, register in _EXTRA_COMMANDS:
+        register(sub, name)
+    return p
+
+
+# Later modules (plot, prune, lottery, reproduce...) add sub-commands here.
+_EXTRA_COMMANDS: list[tuple[str, Callable[[Any, str], None]]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s")
+    from .engine import NonFiniteLossError, RunExistsError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError,
+            RunExistsError, ValueError, FileNotFoundError) as e:
+        print(f"dessilbi: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"dessilbi: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dessilbi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Run configuration: one dataclass, validated, loadable from YAML / TOML, named by its content.
+
+Runs are stored under ``runs_dir/<name>`` where ``name`` defaults to a readable prefix
+(dataset, model, optimizer and its key hyper-parameters) and a short hash of every setting that
+changes the result, as open_lth does: the same configuration always lands in the same folder,
+which is what makes ``--resume`` and ``dessilbi sweep`` able to find finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .data import DATASETS, DEBIAN_FASHION_MNIST
+from .models import MODELS
+from .optimizers import OPTIMIZERS, OptimizerConfig
+
+__all__ = ["TrainConfig", "ConfigError", "load_config_file", "resolve_default_dataset"]
+
+SCHEDULES = ("none", "multistep", "cosine", "step")
+AMP_MODES = ("none", "bf16", "fp16")
+
+# Fields that do not change what a run computes: left out of the run-name hash.
+_NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
+               "progress", "tensorboard"}
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on."""
+
+    model: str = "lenet3"
+    dataset: str = "default"  # fashion-mnist when it is found, otherwise digits
+    data_dir: str = "data"
+    download: bool = False
+    optimizer: str = "dessilbi"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    kappa: float = 1.0
+    nu: float = 20.0
+    lambda_: float = 1.0
+    lambda_conv: float | None = None
+    group_norm: str = "l2"
+    conv_penalty: str = "group"
+    linear_penalty: str = "lasso"
+    exclude: list[str] = field(default_factory=list)
+    epochs: int = 20
+    batch_size: int = 128
+    schedule: str = "none"
+    milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    step_size: int = 30
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    fused: bool = False
+    workers: int = 0
+    max_train_batches: int = 0  # 0 = the whole epoch; >0 truncates epochs (smoke tests)
+    synthetic_size: list[int] = field(default_factory=lambda: [512, 1, 28, 10])
+    path_every: int = 1  # record the solution path every N epochs (0 = never)
+    runs_dir: str = "runs"
+    name: str = ""
+    log_every: int = 20
+    progress: bool = True
+    tensorboard: bool = True
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        def bad(f: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid {f}={getattr(self, f)!r}: {why}")
+
+        if self.model not in MODELS:
+            raise bad("model", f"choose one of {', '.join(sorted(MODELS))}")
+        if self.dataset not in DATASETS + ("default",):
+            raise bad("dataset", f"choose one of default, {', '.join(DATASETS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
+        positive = ("lr", "kappa", "nu", "batch_size", "epochs", "lr_gamma", "step_size")
+        for f in positive:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or (
+                    f != "nu" and not math.isfinite(v)):
+                raise bad(f, "must be a number > 0")
+        for f in ("weight_decay", "lambda_", "max_train_batches", "workers", "path_every",
+                  "log_every"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+                raise bad(f, "must be a number >= 0")
+        if self.lambda_conv is not None and not self.lambda_conv >= 0:
+            raise bad("lambda_conv", "must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise bad("nesterov", "needs momentum > 0")
+        for f, choices in (("schedule", SCHEDULES), ("amp", AMP_MODES),
+                           ("group_norm", ("l2", "rms")),
+                           ("conv_penalty", ("group", "lasso", "none")),
+                           ("linear_penalty", ("group", "lasso", "none"))):
+            if getattr(self, f) not in choices:
+                raise bad(f, f"choose one of {', '.join(choices)}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise bad("milestones", "the multistep schedule needs milestones, e.g. 80 120")
+        if any(not isinstance(m, int) or m <= 0 for m in self.milestones):
+            raise bad("milestones", "must be positive epoch numbers")
+        if len(self.synthetic_size) != 4 or any(int(v) < 1 for v in self.synthetic_size):
+            raise bad("synthetic_size", "must be 4 positive integers: n channels size classes")
+        if self.name and (os.sep in self.name or self.name.startswith(".")):
+            raise bad("name", "must be a plain folder name")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    def optimizer_config(self) -> OptimizerConfig:
+        names = {f.name for f in fields(OptimizerConfig)} - {"name"}
+        return OptimizerConfig(name=self.optimizer,
+                               **{k: getattr(self, k) for k in names if hasattr(self, k)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        opt = self.optimizer
+        if opt == "dessilbi":
+            opt += f"_k{self.kappa:g}_nu{self.nu:g}_lam{self.lambda_:g}"
+        return f"{self.dataset}_{self.model}_{opt}_lr{self.lr:g}_e{self.epochs}_s{self.seed}" \
+               f"_{self.config_hash()}"
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping, rejecting unknown keys (``-`` and ``_`` are interchangeable)."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            k = str(key).replace("-", "_")
+            if k == "lambda":
+                k = "lambda_"
+            if k not in known:
+                raise ConfigError(f"{source}: unknown key {key!r}; known keys: "
+                                  f"{', '.join(sorted(known))}")
+            kwargs[k] = value
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML (``.yaml`` / ``.yml``) or TOML (``.toml``) file into a dict."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def resolve_default_dataset(data_dir: str) -> tuple[str, str]:
+    """The dataset of ``dataset="default"``: Fashion-MNIST if found, else digits (and why)."""
+    for d in (Path(data_dir) / "FashionMNIST" / "raw", Path(data_dir), DEBIAN_FASHION_MNIST):
+        if any((d / f"train-images-idx3-ubyte{s}").is_file() for s in ("", ".gz")):
+            return "fashion-mnist", f"Fashion-MNIST found in {d}"
+    return "digits", ("Fashion-MNIST not found (apt-get install dataset-fashion-mnist); "
+                      "using scikit-learn's bundled 8×8 digits")
