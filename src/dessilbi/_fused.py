@@ -30,7 +30,7 @@ def _group_scales(vs: list[Tensor], lam: Tensor, kappa: Tensor, rms: bool) -> li
         if rms and dims:
             norms = norms / math.sqrt(v[0].numel())
         tiny = torch.finfo(v.dtype).tiny
-        out.append((1.0 - lam / norms.clamp_min(tiny)).clamp_min(0.0) * kappa)
+        out.append((norms - lam).clamp_min(0.0) / norms.clamp_min(tiny) * kappa)
     return out
 
 

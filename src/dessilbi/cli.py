@@ -81,11 +81,11 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
         data.update(load_config_file(args.config))
-    data.update(extra or {})
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
             data[f.name] = v
+    data.update(extra or {})  # a sweep's grid point wins over the shared options
     return TrainConfig.from_dict(data, source=str(getattr(args, "config", None) or "options"))
 
 

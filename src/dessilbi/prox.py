@@ -76,9 +76,10 @@ def group_scale(
     """
     _check_lambda(lambda_)
     norms = group_norms(v, dim, group_norm)
-    # clamp_min keeps λ / 0 finite-or-inf, never NaN; 1 − inf is clamped to 0 below.
+    # (‖V_g‖ − λ)₊ / ‖V_g‖ rather than 1 − λ / ‖V_g‖: exactly 0 at ‖V_g‖ = λ (scalar / tensor
+    # goes through a rounded reciprocal), and 0 / tiny = 0 for a zero group instead of NaN.
     tiny = torch.finfo(norms.dtype).tiny if norms.is_floating_point() else 1e-38
-    return (1.0 - lambda_ / norms.clamp_min(tiny)).clamp_min_(0.0)
+    return (norms - lambda_).clamp_min_(0.0).div_(norms.clamp_min(tiny))
 
 
 def _broadcast_to_groups(scale: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:

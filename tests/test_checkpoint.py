@@ -1,0 +1,42 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dessilbi.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def test_atomic_save_keeps_previous(tmp_path):
+    p = tmp_path / "ck.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, p)
+    save_checkpoint({"step": 2, "w": torch.zeros(3)}, p)
+    assert load_checkpoint(p)["step"] == 2
+    assert load_checkpoint(tmp_path / "ck.pt.prev")["step"] == 1
+    assert not (tmp_path / "ck.pt.tmp").exists()
+
+
+def test_corrupted_and_missing_checkpoints_are_clear(tmp_path):
+    p = tmp_path / "ck.pt"
+    save_checkpoint({"w": torch.randn(100)}, p)
+    save_checkpoint({"w": torch.randn(100)}, p)
+    p.write_bytes(p.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="corrupted.*may be intact"):
+        load_checkpoint(p)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    p = tmp_path / "rng.pt"
+    save_checkpoint({"rng": rng_state()}, p)
+    a = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(load_checkpoint(p)["rng"])
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]

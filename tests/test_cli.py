@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dessilbi.cli import main
+
+TINY = ["--model", "lenet3", "--dataset", "synthetic", "--synthetic-size", "128", "1", "28", "10",
+        "--epochs", "2", "--batch-size", "32", "--nu", "2", "--lambda", "0.3", "--no-progress",
+        "--no-tensorboard"]
+
+
+def run_cli(tmp_path, *args):
+    return main([*args])
+
+
+def test_train_eval_and_table(tmp_path, capsys):
+    assert main(["train", *TINY, "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Full acc" in out and "Sparse acc" in out and "head.0.weight" in out
+    run = next(tmp_path.iterdir())
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert result["full_acc"] == pytest.approx(metrics[-1]["full_acc"])
+    assert result["sparse_acc"] == pytest.approx(metrics[-1]["sparse_acc"])
+    assert result["density"] == pytest.approx(metrics[-1]["density"])
+
+
+def test_config_file_and_flags(tmp_path, capsys):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("model: lenet5\nepochs: 1\nnu: 5\n")
+    assert main(["train", "--config", str(cfgfile), *TINY[:2], "--dataset", "synthetic",
+                 "--synthetic-size", "64", "1", "28", "10", "--no-progress", "--no-tensorboard",
+                 "--runs-dir", str(tmp_path / "r"), "--name", "x"]) == 0
+    saved = (tmp_path / "r" / "x" / "config.yaml").read_text()
+    assert "model: lenet3" in saved and "nu: 5" in saved and "epochs: 1" in saved
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "lenet3"\nepochs = 1\ndataset = "synthetic"\nsynthetic_size = '
+                    '[64, 1, 28, 10]\nprogress = false\ntensorboard = false\n')
+    assert main(["train", "--config", str(toml), "--runs-dir", str(tmp_path / "t")]) == 0
+
+
+def test_sweep_runs_missing_and_reuses(tmp_path, capsys):
+    args = ["sweep", *TINY, "--runs-dir", str(tmp_path), "--grid", "nu=1,5", "--grid",
+            "optimizer=dessilbi,sgd-momentum", "--out", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    records = json.loads((tmp_path / "s.json").read_text())
+    assert len(records) == 4 and len({r["run"] for r in records}) == 4
+    assert sum(1 for p in tmp_path.iterdir() if p.is_dir()) == 4
+    mtimes = {p: (p / "summary.json").stat().st_mtime for p in tmp_path.iterdir() if p.is_dir()}
+    assert main(args) == 0  # everything finished: nothing retrained
+    assert all((p / "summary.json").stat().st_mtime == t for p, t in mtimes.items())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--model", "lenet9"], "invalid model='lenet9'"),
+        (["train", "--dataset", "svhn"], "invalid dataset='svhn'"),
+        (["train", "--optimizer", "lion"], "invalid optimizer='lion'"),
+        (["train", "--lr", "-1"], "invalid lr=-1.0"),
+        (["train", "--nu", "0"], "invalid nu=0.0"),
+        (["train", "--momentum", "1.5"], "invalid momentum=1.5"),
+        (["train", "--config", "/nonexistent/c.yaml"], "cannot read config file"),
+        (["train", "--dataset", "mnist", "--data-dir", "/nonexistent"], "not found in"),
+        (["eval", "/nonexistent/run"], "not found"),
+        (["sweep", "--grid", "bogus=1,2"], "invalid --grid key 'bogus'"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    assert main([*argv, "--runs-dir", str(tmp_path)] if argv[0] != "eval" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_bad_config_files(tmp_path, capsys):
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("modle: lenet3\n")
+    assert main(["train", "--config", str(unknown)]) == 2
+    assert "unknown key 'modle'" in capsys.readouterr().err
+    broken = tmp_path / "b.yaml"
+    broken.write_text("model: [lenet3\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    assert "cannot parse config file" in capsys.readouterr().err
+    corrupt = tmp_path / "ck.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert main(["eval", str(corrupt)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+
+
+def test_argparse_errors_exit_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "dessilbi.cli", "train", "--lr", "abc"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--lr" in proc.stderr

@@ -1,0 +1,196 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dessilbi import engine
+from dessilbi.checkpoint import load_checkpoint
+from dessilbi.config import TrainConfig
+from dessilbi.engine import NonFiniteLossError, RunExistsError, epoch_indices, train
+
+
+def cfg(tmp_path, **kw):
+    base = dict(model="lenet3", dataset="synthetic", synthetic_size=[256, 1, 28, 10], epochs=4,
+                batch_size=32, nu=2.0, lambda_=0.3, runs_dir=str(tmp_path), progress=False,
+                tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoint.pt")["model"]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_end_to_end_run_folder(tmp_path):
+    c = cfg(tmp_path, tensorboard=True)
+    summary = train(c)
+    run = c.run_dir()
+    for f in ("config.yaml", "metrics.jsonl", "init.pt", "checkpoint.pt", "path.pt", "masks.pt",
+              "summary.json"):
+        assert (run / f).exists(), f
+    assert any((run / "tb").iterdir())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    last = lines[-1]
+    for k in ("train_loss", "lr", "full_acc", "sparse_acc", "density", "layers"):
+        assert k in last
+    assert 0 < last["density"] < 1
+    assert summary["final"]["full_acc"] == last["full_acc"]
+    masks = load_checkpoint(run / "masks.pt")
+    assert set(masks["masks"]) == set(last["layers"])
+    entry = torch.cat([e.flatten() for e in masks["entry"].values()])
+    assert entry.max() <= 4 and (entry == -1).any() and (entry >= 1).any()
+    path = load_checkpoint(run / "path.pt")
+    assert path["epochs"] == [1, 2, 3, 4]
+    assert len(path["gamma"]["head.4.weight"]) == 4
+    # the initial weights are kept for lottery tickets
+    init = load_checkpoint(run / "init.pt")["model"]
+    assert not torch.equal(init["head.0.weight"], weights(run)["head.0.weight"])
+    with pytest.raises(RunExistsError):
+        train(c)
+
+
+def test_sparse_evaluation_restores_weights(tmp_path):
+    c = cfg(tmp_path, epochs=2)
+    train(c)
+    ck = load_checkpoint(c.run_dir() / "checkpoint.pt")
+    # the checkpoint written after the Sparse evaluation holds the unmasked W
+    masks = load_checkpoint(c.run_dir() / "masks.pt")["masks"]
+    w = ck["model"]["head.0.weight"]
+    assert (w[~masks["head.0.weight"]] != 0).any()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    a = cfg(tmp_path / "a", epochs=4)
+    train(a)
+    b = cfg(tmp_path / "b", epochs=2)
+    train(b)
+    b4 = cfg(tmp_path / "b", epochs=4, name=b.run_name())
+    train(b4, resume=True)
+    assert_same(weights(a.run_dir()), weights(b4.run_dir()))
+    metrics = (b4.run_dir() / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in metrics] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_mid_epoch_then_resume(tmp_path, monkeypatch):
+    full = cfg(tmp_path / "full", epochs=3)
+    train(full)
+    c = cfg(tmp_path / "int", epochs=3)
+    real = engine._batches
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            calls["n"] += 1
+            if calls["n"] == 13:  # in the middle of epoch 2
+                raise KeyboardInterrupt
+            yield batch
+            del i
+
+    monkeypatch.setattr(engine, "_batches", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(c)
+    ck = load_checkpoint(c.run_dir() / "checkpoint.pt")
+    assert (ck["epoch"], ck["batch"]) == (1, 2)  # 8 train + 2 eval calls in epoch 1
+    monkeypatch.setattr(engine, "_batches", real)
+    train(c, resume=True)
+    assert_same(weights(full.run_dir()), weights(c.run_dir()))
+
+
+def test_kill_9_then_resume(tmp_path):
+    ref = cfg(tmp_path / "ref", epochs=6, synthetic_size=[2048, 1, 28, 10])
+    train(ref)
+    c = cfg(tmp_path / "k", epochs=6, synthetic_size=[2048, 1, 28, 10])
+    args = [sys.executable, "-m", "dessilbi.cli", "train", "--model", "lenet3", "--dataset",
+            "synthetic", "--synthetic-size", "2048", "1", "28", "10", "--epochs", "6",
+            "--batch-size", "32", "--nu", "2.0", "--lambda", "0.3", "--runs-dir",
+            str(tmp_path / "k"), "--no-progress", "--no-tensorboard"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ck = c.run_dir() / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ck.exists() and load_checkpoint(ck)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(ck)["epoch"] < 6, "the run finished before it could be killed"
+    train(c, resume=True)
+    assert_same(weights(ref.run_dir()), weights(c.run_dir()))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    good = cfg(tmp_path, epochs=1, name="run")
+    train(good)
+    real = engine._batches
+
+    def poisoned(*args, **kwargs):
+        for x, y in real(*args, **kwargs):
+            yield torch.full_like(x, float("nan")), y
+
+    monkeypatch.setattr(engine, "_batches", poisoned)
+    with pytest.raises(NonFiniteLossError, match="NaN/Inf"):
+        train(cfg(tmp_path, epochs=3, name="run"), resume=True)
+    ck = load_checkpoint(good.run_dir() / "checkpoint.pt")
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_schedules_and_baseline(tmp_path):
+    c = cfg(tmp_path, epochs=3, schedule="multistep", milestones=[1, 2], optimizer="sgd-momentum")
+    train(c)
+    lrs = [json.loads(x)["lr"] for x in (c.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1, 0.01, 0.001])
+    assert "sparse_acc" not in json.loads((c.run_dir() / "summary.json").read_text())["final"]
+
+
+def test_epoch_indices_shard_the_global_order():
+    full = epoch_indices(64, seed=3, epoch=2)
+    r0 = epoch_indices(64, 3, 2, rank=0, world=2)
+    r1 = epoch_indices(64, 3, 2, rank=1, world=2)
+    # global batch k of 16 = rank 0's and rank 1's batch k of 8
+    for k in range(4):
+        assert set(full[16 * k:16 * k + 16].tolist()) == set(
+            r0[8 * k:8 * k + 8].tolist() + r1[8 * k:8 * k + 8].tolist())
+    assert not torch.equal(full, epoch_indices(64, 3, 3))
+
+
+def _ddp_worker(rank, world, port, runs_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    c = TrainConfig(model="lenet3", dataset="synthetic", synthetic_size=[256, 1, 28, 10],
+                    epochs=2, batch_size=32, nu=2.0, lambda_=0.3, runs_dir=runs_dir,
+                    progress=False, tensorboard=False, device="cpu")
+    train(c)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_one(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    single = cfg(tmp_path / "one", epochs=2, device="cpu")
+    train(single)
+    ddp_run = tmp_path / "ddp" / single.run_name()
+    a, b = weights(single.run_dir()), weights(ddp_run)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
