@@ -393,7 +393,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     if d.main:
         if lbi is not None:
             save_checkpoint({"masks": {k: v.cpu() for k, v in named_masks(model, lbi).items()},
-                             "penalties": penalties, "entry": entry.state_dict(),
+                             "penalties": penalties, "entry": dict(entry.entry),
+                             "history": entry.state_dict(),
                              "epoch": cfg.epochs}, run_dir / "masks.pt")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -17,10 +17,14 @@ from torch import Tensor, nn
 from .optim import DessiLBI
 
 __all__ = [
+    "Mask",
+    "format_report",
     "named_masks",
+    "named_penalties",
     "applied_masks",
     "layer_report",
     "EntryTracker",
+    "mask_at",
     "PathRecorder",
     "unwrap",
 ]
@@ -99,10 +103,21 @@ def layer_report(masks: Mapping[str, Tensor],
 
 
 class EntryTracker:
-    """The first epoch at which each filter (group) or weight (lasso) entered supp(Γ); −1: never."""
+    """When each filter (group) or weight (lasso) was in supp(Γ), epoch by epoch.
 
-    def __init__(self, state: dict[str, Tensor] | None = None) -> None:
-        self.entry: dict[str, Tensor] = dict(state or {})
+    ``entry[name]``: the first epoch a unit entered the support (−1: never). The support of every
+    recorded epoch is kept as the list of units that flipped (entered or left) at that epoch, so
+    :meth:`units_at` rebuilds the mask of any epoch at the cost of the changes only.
+    """
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        state = dict(state or {})
+        if state and "entry" not in state:  # an older, entry-only state
+            state = {"entry": state}
+        self.entry: dict[str, Tensor] = dict(state.get("entry", {}))
+        self.current: dict[str, Tensor] = dict(state.get("current", {}))
+        self.flips: dict[str, list[tuple[int, Tensor]]] = {
+            k: [(int(e), i) for e, i in v] for k, v in state.get("flips", {}).items()}
 
     def update(self, epoch: int, masks: Mapping[str, Tensor], penalties: Mapping[str, str]) -> None:
         for name, m in masks.items():
@@ -110,11 +125,41 @@ class EntryTracker:
             cur = self.entry.get(name)
             if cur is None or cur.shape != units.shape:
                 cur = torch.full(units.shape, -1, dtype=torch.int32)
+                self.current[name] = torch.zeros(units.shape, dtype=torch.bool)
+                self.flips[name] = []
             cur[(cur < 0) & units] = epoch
             self.entry[name] = cur
+            changed = torch.nonzero(units != self.current[name]).flatten()
+            if changed.numel():
+                self.flips[name].append((epoch, changed.to(torch.int32)))
+            self.current[name] = units.clone()
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.entry)
+    def units_at(self, epoch: int) -> dict[str, Tensor]:
+        """The support of every layer at the end of ``epoch``, as flat unit masks."""
+        out = {}
+        for name, cur in self.entry.items():
+            units = torch.zeros(cur.shape, dtype=torch.bool)
+            for e, idx in self.flips.get(name, []):
+                if e > epoch:
+                    break
+                units[idx.long()] ^= True
+            out[name] = units
+        return out
+
+    def epochs(self) -> list[int]:
+        return sorted({e for v in self.flips.values() for e, _ in v})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"entry": dict(self.entry), "current": dict(self.current),
+                "flips": {k: list(v) for k, v in self.flips.items()}}
+
+
+def mask_at(entry_state: dict[str, Any], epoch: int, shapes: Mapping[str, torch.Size],
+            penalties: Mapping[str, str]) -> Mask:
+    """The Γ-support :class:`Mask` of ``epoch`` from a saved :class:`EntryTracker` state."""
+    units = EntryTracker(entry_state).units_at(epoch)
+    return Mask({n: _expand(u, torch.empty(shapes[n], device="meta"), penalties.get(n, "lasso"))
+                 for n, u in units.items()}, penalties)
 
 
 def _row_norms(t: Tensor) -> Tensor:
@@ -149,3 +194,208 @@ class PathRecorder:
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": list(self.epochs), "gamma": {k: list(v) for k, v in self.gamma.items()},
                 "weight": {k: list(v) for k, v in self.weight.items()}}
+
+
+# ----------------------------------------------------------------------------- Mask
+class Mask:
+    """A validated mapping ``{parameter name: bool tensor}`` with the unit kind of each entry.
+
+    ``penalties[name]`` is ``"group"`` (whole output filters / neurons are kept or dropped) or
+    ``"lasso"`` (single weights). Build one from the Γ support (:meth:`from_optimizer`), from the
+    entry order at a target density (:meth:`from_entry_order`), from weight magnitudes
+    (:meth:`from_magnitude`) or at random with the same per-layer density (:meth:`random_like`).
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor], penalties: Mapping[str, str] | None = None):
+        self.masks: dict[str, Tensor] = {}
+        self.penalties: dict[str, str] = {}
+        for name, m in masks.items():
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise ValueError(f"invalid mask {name!r}: expected a bool tensor, got "
+                                 f"{getattr(m, 'dtype', type(m))}")
+            pen = (penalties or {}).get(name, "lasso")
+            if pen not in ("group", "lasso"):
+                raise ValueError(f"invalid penalty {pen!r} for mask {name!r}")
+            if pen == "group" and m.ndim >= 2:
+                rows = m.reshape(m.shape[0], -1)
+                if not torch.equal(rows.any(1), rows.all(1)):
+                    raise ValueError(f"invalid mask {name!r}: a group mask must keep or drop "
+                                     "whole filters")
+            self.masks[name] = m.detach().cpu()
+            self.penalties[name] = pen
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_optimizer(cls, model: nn.Module, opt: DessiLBI) -> Mask:
+        """The support of Γ: ``W ⊙ 1[Γ ≠ 0]`` is the Sparse model of the paper."""
+        return cls(named_masks(model, opt), named_penalties(model, opt))
+
+    @classmethod
+    def from_entry_order(cls, model: nn.Module, entry: Mapping[str, Tensor],
+                         penalties: Mapping[str, str], density: float) -> Mask:
+        """Keep the units that entered supp(Γ) first until ``density`` of the weights is kept.
+
+        Units are filters for ``group`` layers and weights for ``lasso`` layers, ranked over all
+        layers together by entry epoch (never-entered last), ties broken by larger ‖W_g‖.
+        """
+        _check_density(density)
+        params = dict(unwrap(model).named_parameters())
+        keys, sizes, epochs, norms = [], [], [], []
+        for name, e in entry.items():
+            if name not in params:
+                raise KeyError(f"entry names a parameter the model does not have: {name!r}")
+            w = params[name].detach().float().cpu()
+            pen = penalties.get(name, "lasso")
+            unit_norm = _row_norms(w) if pen == "group" and w.ndim >= 2 else w.abs().reshape(-1)
+            unit_size = w[0].numel() if pen == "group" and w.ndim >= 2 else 1
+            n = e.numel()
+            keys.append(torch.full((n,), len(sizes)))
+            sizes.append(unit_size)
+            never = e.reshape(-1) < 0
+            epochs.append(torch.where(never, torch.iinfo(torch.int32).max, e.reshape(-1)).double())
+            norms.append(unit_norm.double())
+        layer = torch.cat(keys)
+        unit_size = torch.tensor(sizes, dtype=torch.float64)[layer]
+        ep, nm = torch.cat(epochs), torch.cat(norms)
+        order = torch.argsort(nm, descending=True, stable=True)  # secondary key first
+        order = order[torch.argsort(ep[order], stable=True)]
+        budget = density * float(unit_size.sum())
+        cum = torch.cumsum(unit_size[order], 0)
+        kept_units = torch.zeros_like(ep, dtype=torch.bool)
+        kept_units[order[cum <= budget + 1e-9]] = True
+        return cls._from_units(params, entry, penalties, layer, kept_units)
+
+    @classmethod
+    def from_magnitude(cls, model: nn.Module, penalties: Mapping[str, str], density: float,
+                       scope: str = "layer") -> Mask:
+        """Keep the largest units (‖W_g‖ for group, |w| for lasso): per layer or globally."""
+        _check_density(density)
+        if scope not in ("layer", "global"):
+            raise ValueError(f"invalid scope={scope!r}: 'layer' or 'global'")
+        params = dict(unwrap(model).named_parameters())
+        if scope == "global":
+            fake = {n: torch.zeros(_unit_count(params[n], p), dtype=torch.int32)
+                    for n, p in penalties.items()}
+            return cls.from_entry_order(model, fake, penalties, density)
+        out = {}
+        for name, pen in penalties.items():
+            w = params[name].detach().float().cpu()
+            units = _row_norms(w) if pen == "group" and w.ndim >= 2 else w.abs().reshape(-1)
+            k = int(round(density * units.numel()))
+            keep = torch.zeros(units.numel(), dtype=torch.bool)
+            keep[torch.argsort(units, descending=True, stable=True)[:k]] = True
+            out[name] = _expand(keep, w, pen)
+        return cls(out, penalties)
+
+    @classmethod
+    def random_like(cls, other: Mask, seed: int = 0) -> Mask:
+        """A random mask with the same number of kept units in every layer."""
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for name, m in other.masks.items():
+            pen = other.penalties[name]
+            units = _units(m, pen)
+            keep = torch.zeros_like(units)
+            keep[torch.randperm(units.numel(), generator=g)[: int(units.sum())]] = True
+            out[name] = _expand(keep, m, pen)
+        return cls(out, other.penalties)
+
+    @classmethod
+    def _from_units(cls, params: dict[str, Tensor], entry: Mapping[str, Tensor],
+                    penalties: Mapping[str, str], layer: Tensor, kept: Tensor) -> Mask:
+        out = {}
+        for i, name in enumerate(entry):
+            pen = penalties.get(name, "lasso")
+            out[name] = _expand(kept[layer == i], params[name], pen)
+        return cls(out, {n: penalties.get(n, "lasso") for n in entry})
+
+    # ---------------------------------------------------------------- use
+    def density(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return layer_report(self.masks, self.penalties)
+
+    def applied(self, model: nn.Module) -> Any:
+        """Context manager: ``W ← W ⊙ mask`` inside, original weights restored exactly after."""
+        return applied_masks(model, self.masks)
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Zero the masked weights of ``model`` permanently."""
+        params = dict(unwrap(model).named_parameters())
+        for n, m in self.masks.items():
+            params[n].mul_(m.to(params[n].device, params[n].dtype))
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": "dessilbi-mask-v1", "masks": dict(self.masks),
+                "penalties": dict(self.penalties)}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Mask:
+        if "masks" not in state:
+            raise ValueError("not a dessilbi mask: no 'masks' entry")
+        return cls(state["masks"], state.get("penalties"))
+
+    def save(self, path: Any) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: Any) -> Mask:
+        from .checkpoint import load_checkpoint
+
+        return cls.from_state_dict(load_checkpoint(path))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Mask) and self.penalties == other.penalties
+                and self.masks.keys() == other.masks.keys()
+                and all(torch.equal(self.masks[k], other.masks[k]) for k in self.masks))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"invalid density={density!r}: must be in [0, 1]")
+
+
+def _unit_count(w: Tensor, pen: str) -> int:
+    return w.shape[0] if pen == "group" and w.ndim >= 2 else w.numel()
+
+
+def _expand(units: Tensor, like: Tensor, pen: str) -> Tensor:
+    """Unit mask (filters or weights) → a bool mask of ``like``'s shape."""
+    if pen == "group" and like.ndim >= 2:
+        return units.reshape((-1,) + (1,) * (like.ndim - 1)).expand(like.shape).clone()
+    return units.reshape(like.shape).clone()
+
+
+def format_report(report: Mapping[str, Mapping[str, Any]], fmt: str = "table") -> str:
+    """A per-layer report as an aligned text table, JSON or CSV."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        return json.dumps(report, indent=2)
+    cols = ["layer", "weights", "nonzero", "density", "filters", "filters_kept"]
+    rows = [[name, r["weights"], r["nonzero"], f"{r['density']:.4f}", r.get("filters", ""),
+             r.get("filters_kept", "")] for name, r in report.items()]
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt != "table":
+        raise ValueError(f"invalid format {fmt!r}: table, json or csv")
+    text = [cols] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in text) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in text]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

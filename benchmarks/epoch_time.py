@@ -1,0 +1,56 @@
+"""Epoch-time ratio of DessiLBI vs SGD-momentum on the same model, data and batches.
+
+Both optimizers train their own copy of the model in one process, alternating epoch by epoch, so
+machine noise hits both alike; prints the median epoch time of each and the ratio.
+
+    python benchmarks/epoch_time.py [--model lenet3] [--dataset default] [--epochs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from dessilbi.config import TrainConfig
+from dessilbi.engine import _batches, build, epoch_indices
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="lenet3")
+    ap.add_argument("--dataset", default="default")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--nu", type=float, default=20.0)
+    ap.add_argument("--fused", action="store_true")
+    args = ap.parse_args()
+    runs = {}
+    for opt in ("sgd-momentum", "dessilbi"):
+        cfg = TrainConfig(model=args.model, dataset=args.dataset, optimizer=opt, nu=args.nu,
+                          batch_size=args.batch_size, fused=args.fused and opt == "dessilbi")
+        runs[opt] = build(cfg)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for epoch in range(args.epochs):
+        for name, b in runs.items():
+            idx = epoch_indices(len(b.train_set), 0, epoch)
+            b.model.train()
+            t0 = time.perf_counter()
+            for x, y in _batches(b.train_set, idx, args.batch_size, 0, False):
+                loss = nn.functional.cross_entropy(b.model(x), y)
+                b.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                b.optimizer.step()
+            times[name].append(time.perf_counter() - t0)
+    sgd, lbi = (statistics.median(times[k]) for k in ("sgd-momentum", "dessilbi"))
+    print(f"{args.model} on {runs['dessilbi'].cfg.dataset}, batch {args.batch_size}, "
+          f"{args.epochs} alternating epochs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"SGD-momentum median epoch {sgd:.3f} s; DessiLBI {lbi:.3f} s; ratio {lbi / sgd:.3f}")
+
+
+if __name__ == "__main__":
+    main()
