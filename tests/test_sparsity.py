@@ -48,9 +48,8 @@ def test_apply_and_restore_exactly():
         assert (w[~mask.masks["head.2.weight"]] == 0).all()
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k])
-    with pytest.raises(KeyError):
-        with applied_masks(m, {"nope.weight": torch.ones(1, dtype=torch.bool)}):
-            pass
+    with pytest.raises(KeyError), applied_masks(m, {"nope.weight": torch.ones(1, dtype=bool)}):
+        pass
 
 
 def test_save_load_round_trip(tmp_path):
