@@ -129,27 +129,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .engine import build, evaluate
+    from .engine import evaluate
     from .optim import DessiLBI
+    from .runs import open_run
     from .sparsity import applied_masks, layer_report, named_masks, named_penalties
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    ck = load_checkpoint(path)
-    if "config" not in ck or "model" not in ck:
-        raise CheckpointError(f"{path} is not a dessilbi training checkpoint")
-    cfg = TrainConfig.from_dict(ck["config"], source=str(path))
-    if args.device:
-        cfg.device = args.device
-    b = build(cfg)
-    b.model.load_state_dict(ck["model"])
-    b.optimizer.load_state_dict(ck["optimizer"])
+    run = open_run(args.checkpoint)
+    b = run.build(device=args.device)
     full = evaluate(b.model, b.test_set, b.device)
-    result: dict[str, Any] = {"checkpoint": str(path), "epoch": ck.get("epoch"), "full_acc": full}
+    result: dict[str, Any] = {"checkpoint": str(run.checkpoint_path),
+                              "epoch": run.checkpoint().get("epoch"), "full_acc": full}
     if isinstance(b.optimizer, DessiLBI):
         masks = named_masks(b.model, b.optimizer)
         with applied_masks(b.model, masks):
@@ -160,14 +149,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{path} (epoch {result['epoch']}, {cfg.dataset} test set)")
+    print(f"{run.checkpoint_path} (epoch {result['epoch']}, {b.cfg.dataset} test set)")
     _print_table([["Full acc", "Sparse acc", "density"],
                   [f"{full:.2f}%", f"{result.get('sparse_acc', float('nan')):.2f}%",
                    f"{100 * result.get('density', 0.0):.2f}%"]])
     if result.get("layers"):
         print()
         _print_table(_density_rows(result))
-    del torch
     return 0
 
 
@@ -251,13 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the summary as JSON here")
     add_config_arguments(s)
     s.set_defaults(func=cmd_sweep)
-    for name, register in _EXTRA_COMMANDS:
-        register(sub, name)
+    from .cli_structure import register as register_structure
+
+    register_structure(sub)
     return p
-
-
-# Later modules (plot, prune, lottery, reproduce...) add sub-commands here.
-_EXTRA_COMMANDS: list[tuple[str, Callable[[Any, str], None]]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

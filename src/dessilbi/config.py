@@ -71,6 +71,8 @@ class TrainConfig:
     max_train_batches: int = 0  # 0 = the whole epoch; >0 truncates epochs (smoke tests)
     synthetic_size: list[int] = field(default_factory=lambda: [512, 1, 28, 10])
     path_every: int = 1  # record the solution path every N epochs (0 = never)
+    init_from: str = ""  # start from these weights (a run's init.pt: lottery-ticket rewinding)
+    mask: str = ""  # keep the weights outside this mask at zero (weights and gradients masked)
     runs_dir: str = "runs"
     name: str = ""
     log_every: int = 20
@@ -117,6 +119,9 @@ class TrainConfig:
             raise bad("milestones", "must be positive epoch numbers")
         if len(self.synthetic_size) != 4 or any(int(v) < 1 for v in self.synthetic_size):
             raise bad("synthetic_size", "must be 4 positive integers: n channels size classes")
+        for f in ("init_from", "mask"):
+            if getattr(self, f) and not Path(getattr(self, f)).is_file():
+                raise bad(f, "no such file")
         if self.name and (os.sep in self.name or self.name.startswith(".")):
             raise bad("name", "must be a plain folder name")
         return self

@@ -43,6 +43,7 @@ from .optim import DessiLBI
 from .optimizers import create_optimizer
 from .sparsity import (
     EntryTracker,
+    Mask,
     PathRecorder,
     applied_masks,
     layer_report,
@@ -191,11 +192,29 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
     )
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size)
+    if cfg.init_from:
+        state = load_checkpoint(cfg.init_from)
+        model.load_state_dict(state.get("model", state))
+    if cfg.mask:
+        Mask.load(cfg.mask).apply_(model)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = create_optimizer(cfg.optimizer_config(), model)
     return Built(cfg, model, opt, _scheduler(cfg, opt), train_set, test_set, info, device, note)
+
+
+def _fixed_mask(cfg: TrainConfig, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, mask) pairs of ``cfg.mask`` on the model's device and dtype."""
+    if not cfg.mask:
+        return []
+    mask = Mask.load(cfg.mask)
+    params = dict(unwrap(model).named_parameters())
+    missing = set(mask.masks) - set(params)
+    if missing:
+        raise ConfigError(f"invalid mask={cfg.mask!r}: names parameters the model does not have "
+                          f"({sorted(missing)[:3]})")
+    return [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in mask.masks.items()]
 
 
 def _write_json_line(path: Path, obj: dict[str, Any]) -> None:
@@ -250,6 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
 
     lbi = opt if isinstance(opt, DessiLBI) else None
+    fixed = _fixed_mask(cfg, model)
     penalties = named_penalties(model, lbi) if lbi else {}
     entry, path_rec = EntryTracker(), PathRecorder()
     start_epoch, start_batch = 0, 0
@@ -337,8 +357,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         loss = nn.functional.cross_entropy(out, y)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
+                    if fixed:
+                        for p, m in fixed:  # pruned weights get no gradient...
+                            if p.grad is not None:
+                                p.grad.mul_(m)
                     scaler.step(opt)
                     scaler.update()
+                    if fixed:
+                        with torch.no_grad():
+                            for p, m in fixed:  # ...and stay exactly zero (weight decay aside)
+                                p.mul_(m)
                     ld = loss.detach()
                     nonfinite |= ~torch.isfinite(ld)
                     loss_sum += ld * y.numel()

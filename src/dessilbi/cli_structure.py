@@ -1,0 +1,317 @@
+"""Sub-commands on the structure a run found: mask, path, plot, prune, lottery, imp."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .runs import choose_epoch, open_run, pareto_front
+from .sparsity import Mask, format_report
+
+log = logging.getLogger("dessilbi")
+
+__all__ = ["register"]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _select_mask(run: Any, model: torch.nn.Module, epoch: int | None,
+                 density: float | None) -> Mask:
+    if density is not None:
+        sf = run.support_file()
+        return Mask.from_entry_order(model, sf["entry"], sf["penalties"], density)
+    return run.mask(epoch)
+
+
+# ----------------------------------------------------------------------------- mask
+def cmd_mask(args: argparse.Namespace) -> int:
+    run = open_run(args.run)
+    if args.density is not None:
+        b = run.build(device="cpu")
+        mask = _select_mask(run, b.model, None, args.density)
+    else:
+        mask = run.mask(args.epoch)
+    print(format_report(mask.report(), args.format))
+    if args.out:
+        mask.save(args.out)
+        log.info("mask saved to %s", args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- path
+def cmd_path(args: argparse.Namespace) -> int:
+    run = open_run(args.run)
+    pts = [m for m in run.metrics if "sparse_acc" in m]
+    if not pts:
+        raise ValueError(f"{run.dir} has no Sparse accuracies (not a DessiLBI run?)")
+    front = {p["epoch"] for p in pareto_front(pts)}
+    rows = [["epoch", "density", "Full acc", "Sparse acc", "Pareto"]]
+    for p in pts:
+        rows.append([str(p["epoch"]), f"{100 * p['density']:.2f}%", f"{p['full_acc']:.2f}",
+                     f"{p['sparse_acc']:.2f}", "*" if p["epoch"] in front else ""])
+    print(_table(rows))
+    pick = choose_epoch(pts, args.max_drop, args.max_density)
+    if args.max_drop is not None or args.max_density is not None:
+        rule = (f"sparsest within {args.max_drop} points of the best Full accuracy"
+                if args.max_drop is not None else f"most accurate at density ≤ {args.max_density}")
+        if pick is None:
+            print(f"\nno epoch satisfies: {rule}")
+            return 1
+        print(f"\n{rule}: epoch {pick['epoch']} (density {100 * pick['density']:.2f}%, "
+              f"Sparse {pick['sparse_acc']:.2f}%)")
+        if args.save_mask:
+            run.mask(pick["epoch"]).save(args.save_mask)
+            print(f"mask saved to {args.save_mask}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- plot
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    for p in plot_run(args.run, args.out, tensorboard=not args.no_tensorboard):
+        print(p)
+    return 0
+
+
+# ----------------------------------------------------------------------------- prune
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .engine import evaluate
+    from .prune import cpu_latency, export_onnx, prune_model
+
+    run = open_run(args.run)
+    b = run.build(device="cpu")
+    model = b.model.eval()
+    mask = _select_mask(run, model, args.epoch, args.density)
+    x1 = torch.stack([b.test_set[0][0]])
+    result = prune_model(model, mask, x1)
+    pruned = result.model.eval()
+    batch = torch.stack([b.test_set[i][0] for i in range(min(64, len(b.test_set)))])
+    lat0, lat1 = cpu_latency(model, batch), cpu_latency(pruned, batch)
+    with mask.applied(model):
+        sparse = evaluate(model, b.test_set, torch.device("cpu"))
+    report = {
+        "run": str(run.dir), "mask_density": mask.density(),
+        "full_acc": evaluate(model, b.test_set, torch.device("cpu")), "sparse_acc": sparse,
+        "pruned_acc": evaluate(pruned, b.test_set, torch.device("cpu")),
+        "params_before": result.params_before, "params_after": result.params_after,
+        "macs_before": result.macs_before, "macs_after": result.macs_after,
+        "latency_before_ms": 1e3 * lat0, "latency_after_ms": 1e3 * lat1,
+        "latency_batch": int(batch.shape[0]), "removed_channels": result.removed,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pruned, out)
+    if args.onnx:
+        report["onnx"] = args.onnx
+        report["onnx_max_abs_diff"] = export_onnx(pruned, x1, args.onnx)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    rows = [["", "before", "after", "ratio"],
+            ["params", f"{result.params_before:,}", f"{result.params_after:,}",
+             f"{result.params_after / result.params_before:.3f}"],
+            ["MACs", f"{result.macs_before:,}", f"{result.macs_after:,}",
+             f"{result.macs_after / max(result.macs_before, 1):.3f}"],
+            [f"CPU latency (batch {batch.shape[0]}, ms)", f"{1e3 * lat0:.2f}", f"{1e3 * lat1:.2f}",
+             f"{lat1 / lat0:.3f}"]]
+    print(_table(rows))
+    print(f"\nmask density {100 * mask.density():.2f}%: Full {report['full_acc']:.2f}%, "
+          f"Sparse {sparse:.2f}%, pruned {report['pruned_acc']:.2f}%")
+    print(f"saved {out} (torch.load(path, weights_only=False)) and {out.with_suffix('.json')}")
+    if args.onnx:
+        print(f"ONNX {args.onnx}: max |onnxruntime − torch| = {report['onnx_max_abs_diff']:.2e}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- tickets
+def _retrain(base: TrainConfig, name: str, mask: Mask | None, folder: Path) -> dict[str, Any]:
+    from .engine import train
+
+    cfg = TrainConfig.from_dict({**base.to_dict(), "name": name, "runs_dir": str(folder)})
+    if mask is not None:
+        path = folder / f"{name}.mask.pt"
+        if not path.exists():
+            mask.save(path)
+        cfg.mask = str(path)
+    done = cfg.run_dir() / "summary.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    return train(cfg, resume=True)
+
+
+def _ticket_config(run: Any, args: argparse.Namespace) -> TrainConfig:
+    d = run.cfg.to_dict()
+    d.update(optimizer=args.optimizer, epochs=args.epochs or run.cfg.epochs,
+             init_from=str(run.dir / "init.pt"), mask="", name="", fused=False)
+    for k in ("lr", "weight_decay", "schedule", "milestones", "seed"):
+        v = getattr(args, k, None)
+        if v is not None:
+            d[k] = v
+    return TrainConfig.from_dict(d)
+
+
+def _imp(base: TrainConfig, names: list[str], target: float, rounds: int, folder: Path,
+         prefix: str = "imp") -> tuple[Mask, dict[str, Any]]:
+    """Iterative magnitude pruning with rewinding to the initialisation (Frankle & Carbin)."""
+    from .checkpoint import load_checkpoint
+
+    keep = target ** (1.0 / rounds)
+    shapes = {}
+    state = load_checkpoint(base.init_from)
+    state = state.get("model", state)
+    for n in names:
+        shapes[n] = state[n].shape
+    current = Mask({n: torch.ones(shapes[n], dtype=torch.bool) for n in names})
+    summary = _retrain(base, f"{prefix}_r0", None, folder)
+    for r in range(1, rounds + 1):
+        trained = load_checkpoint(Path(summary["run"]) / "checkpoint.pt")["model"]
+        new = {}
+        for n in names:
+            w = trained[n].abs().float().flatten()
+            m = current.masks[n].flatten()
+            k = max(1, int(round(keep * int(m.sum()))))
+            scores = torch.where(m, w, torch.full_like(w, -1.0))
+            kept = torch.zeros_like(m)
+            kept[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+            new[n] = kept.reshape(shapes[n])
+        current = Mask(new)
+        summary = _retrain(base, f"{prefix}_r{r}", current, folder)
+    return current, summary
+
+
+def _best(summary: dict[str, Any]) -> tuple[float, float]:
+    metrics = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text()
+               .splitlines() if x.strip()]
+    return max(m["full_acc"] for m in metrics), metrics[-1]["full_acc"]
+
+
+def cmd_lottery(args: argparse.Namespace) -> int:
+    run = open_run(getattr(args, "from"))
+    if not (run.dir / "init.pt").exists():
+        raise ValueError(f"{run.dir} has no init.pt to rewind to")
+    ticket = run.mask(args.epoch)
+    density = ticket.density()
+    base = _ticket_config(run, args)
+    folder = run.dir / "tickets" / f"epoch{args.epoch}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [["method", "density", "best acc", "final acc"]]
+    record = []
+    entries = [(f"Γ ticket (epoch {args.epoch})", ticket),
+               ("random (same per-layer density)", Mask.random_like(ticket, seed=args.seed or 0))]
+    for label, mask in entries:
+        slug = "gamma" if label.startswith("Γ") else "random"
+        s = _retrain(base, slug, mask, folder)
+        best, final = _best(s)
+        rows.append([label, f"{100 * mask.density():.2f}%", f"{best:.2f}", f"{final:.2f}"])
+        record.append({"method": slug, "density": mask.density(), "best_acc": best,
+                       "final_acc": final, "run": s["run"]})
+    if args.imp_rounds:
+        mask, s = _imp(base, list(ticket.masks), density, args.imp_rounds, folder)
+        best, final = _best(s)
+        rows.append([f"IMP ({args.imp_rounds} rounds, rewind to init)",
+                     f"{100 * mask.density():.2f}%", f"{best:.2f}", f"{final:.2f}"])
+        record.append({"method": "imp", "density": mask.density(), "best_acc": best,
+                       "final_acc": final, "run": s["run"], "rounds": args.imp_rounds})
+    dense = _retrain(base, "dense", None, folder)
+    best, final = _best(dense)
+    rows.append(["dense (no mask)", "100.00%", f"{best:.2f}", f"{final:.2f}"])
+    record.append({"method": "dense", "density": 1.0, "best_acc": best, "final_acc": final,
+                   "run": dense["run"]})
+    text = _table(rows)
+    print(text)
+    (folder / "lottery.json").write_text(json.dumps(record, indent=2))
+    (folder / "lottery.md").write_text(
+        f"Retrained with {base.optimizer}, lr {base.lr}, {base.epochs} epochs, from "
+        f"{base.init_from}\n\n" + text + "\n")
+    return 0
+
+
+def cmd_imp(args: argparse.Namespace) -> int:
+    run = open_run(getattr(args, "from"))
+    base = _ticket_config(run, args)
+    names = list(run.support_file()["masks"]) if (run.dir / "masks.pt").exists() else [
+        n for n, p in run.checkpoint()["model"].items() if p.ndim >= 2]
+    folder = run.dir / "imp"
+    mask, s = _imp(base, names, args.density, args.rounds, folder)
+    best, final = _best(s)
+    print(_table([["rounds", "density", "best acc", "final acc"],
+                  [str(args.rounds), f"{100 * mask.density():.2f}%", f"{best:.2f}",
+                   f"{final:.2f}"]]))
+    mask.save(folder / "imp_final.mask.pt")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _retrain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", required=True, help="the DessiLBI run folder")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="retraining epochs (default: the run's)")
+    p.add_argument("--optimizer", default="sgd-momentum")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--schedule", default=None)
+    p.add_argument("--milestones", type=int, nargs="*", default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def register(sub: Any) -> None:
+    m = sub.add_parser("mask", help="per-layer report of a run's Γ support (or an order-based "
+                       "mask at a density); save it")
+    m.add_argument("run")
+    m.add_argument("--epoch", type=int, default=None, help="support at the end of this epoch")
+    m.add_argument("--density", type=float, default=None,
+                   help="keep this fraction of weights, earliest entries first (ties: ‖W_g‖)")
+    m.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    m.add_argument("--out", help="save the mask here (.pt)")
+    m.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("path", help="(epoch, density, Sparse acc) along the run; Pareto front; "
+                       "choose an epoch")
+    p.add_argument("run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-drop", type=float, help="sparsest epoch within this many points of "
+                   "the best Full accuracy")
+    g.add_argument("--max-density", type=float, help="most accurate epoch at this density")
+    p.add_argument("--save-mask", help="save the chosen epoch's mask here")
+    p.set_defaults(func=cmd_path)
+
+    pl = sub.add_parser("plot", help="solution path, accuracy / density and per-layer density "
+                        "figures (PNG + SVG, and TensorBoard)")
+    pl.add_argument("run")
+    pl.add_argument("--out", default=None, help="folder (default: RUN/plots)")
+    pl.add_argument("--no-tensorboard", action="store_true")
+    pl.set_defaults(func=cmd_plot)
+
+    pr = sub.add_parser("prune", help="remove masked filters / neurons: a smaller dense model")
+    pr.add_argument("run", help="run folder or its checkpoint.pt")
+    g = pr.add_mutually_exclusive_group()
+    g.add_argument("--epoch", type=int, default=None, help="Γ support of this epoch")
+    g.add_argument("--density", type=float, default=None, help="order-based mask at a density")
+    pr.add_argument("--out", required=True, help="the pruned model (.pt)")
+    pr.add_argument("--onnx", default=None, help="also export ONNX here and check it")
+    pr.set_defaults(func=cmd_prune)
+
+    lt = sub.add_parser("lottery", help="retrain the Γ-support ticket of an epoch from the "
+                        "initialisation; compare with a random mask, IMP and dense")
+    _retrain_options(lt)
+    lt.add_argument("--epoch", type=int, required=True)
+    lt.add_argument("--imp-rounds", type=int, default=0,
+                    help="also run IMP to the ticket's density in this many rounds")
+    lt.set_defaults(func=cmd_lottery)
+
+    im = sub.add_parser("imp", help="iterative magnitude pruning with rewinding")
+    _retrain_options(im)
+    im.add_argument("--density", type=float, required=True)
+    im.add_argument("--rounds", type=int, default=3)
+    im.set_defaults(func=cmd_imp)

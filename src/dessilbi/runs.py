@@ -1,0 +1,112 @@
+"""Read a run folder written by the engine: configuration, metrics, checkpoint, masks, path.
+
+Everything here only reads; nothing retrains.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import TrainConfig
+from .sparsity import Mask, mask_at
+
+__all__ = ["Run", "open_run", "pareto_front", "choose_epoch"]
+
+
+@dataclass
+class Run:
+    """A finished or interrupted training run on disk."""
+
+    dir: Path
+    checkpoint_path: Path
+    cfg: TrainConfig
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint_path)
+
+    def build(self, device: str | None = None) -> Any:
+        """Data, model and optimizer of the run with the checkpoint's state loaded."""
+        from .engine import build
+
+        cfg = TrainConfig.from_dict(self.cfg.to_dict())
+        if device:
+            cfg.device = device
+        b = build(cfg)
+        ck = self.checkpoint()
+        b.model.load_state_dict(ck["model"])
+        b.optimizer.load_state_dict(ck["optimizer"])
+        return b
+
+    def support_file(self) -> dict[str, Any]:
+        path = self.dir / "masks.pt"
+        if not path.exists():
+            raise CheckpointError(f"{path} not found: the run has no Γ support (not a finished "
+                                  "DessiLBI run?)")
+        return load_checkpoint(path)
+
+    def mask(self, epoch: int | None = None) -> Mask:
+        """The Γ-support mask at the end of ``epoch`` (default: the last epoch)."""
+        sf = self.support_file()
+        if epoch is None:
+            return Mask(sf["masks"], sf["penalties"])
+        last = int(sf.get("epoch", self.cfg.epochs))
+        if not 0 <= epoch <= last:
+            raise ValueError(f"invalid epoch={epoch}: the run has epochs 1..{last}")
+        shapes = {n: m.shape for n, m in sf["masks"].items()}
+        history = sf.get("history")
+        if history is None:  # older runs: first entries only, so assume no unit ever left
+            history = {"entry": sf["entry"], "flips": {
+                n: [(int(ep), torch.nonzero(e == ep).flatten().to(torch.int32))
+                    for ep in sorted(set(e[e >= 0].tolist()))] for n, e in sf["entry"].items()}}
+        return mask_at(history, epoch, shapes, sf["penalties"])
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run folder (or the checkpoint file inside one)."""
+    path = Path(path)
+    ck_path = path / "checkpoint.pt" if path.is_dir() else path
+    run_dir = ck_path.parent
+    if not ck_path.is_file():
+        raise CheckpointError(f"{ck_path} not found: expected a run folder or a checkpoint.pt")
+    ck = load_checkpoint(ck_path)
+    if "config" not in ck or "model" not in ck:
+        raise CheckpointError(f"{ck_path} is not a dessilbi training checkpoint")
+    cfg = TrainConfig.from_dict(ck["config"], source=str(ck_path))
+    metrics = []
+    mfile = run_dir / "metrics.jsonl"
+    if mfile.exists():
+        metrics = [json.loads(x) for x in mfile.read_text().splitlines() if x.strip()]
+    return Run(run_dir, ck_path, cfg, metrics)
+
+
+def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Epochs not dominated in (lower density, higher Sparse accuracy), sorted by density."""
+    pts = [p for p in points if "density" in p and "sparse_acc" in p]
+    front = [p for p in pts if not any(
+        (q["density"] <= p["density"] and q["sparse_acc"] >= p["sparse_acc"])
+        and (q["density"] < p["density"] or q["sparse_acc"] > p["sparse_acc"]) for q in pts)]
+    return sorted(front, key=lambda p: (p["density"], -p["sparse_acc"]))
+
+
+def choose_epoch(points: list[dict[str, Any]], max_drop: float | None = None,
+                 max_density: float | None = None) -> dict[str, Any] | None:
+    """The sparsest epoch whose Sparse accuracy is within ``max_drop`` points of the best Full
+    accuracy, or the most accurate epoch with density ≤ ``max_density``."""
+    pts = [p for p in points if "density" in p and "sparse_acc" in p]
+    if not pts:
+        return None
+    if max_drop is not None:
+        best_full = max(p["full_acc"] for p in pts)
+        ok = [p for p in pts if p["sparse_acc"] >= best_full - max_drop]
+        return min(ok, key=lambda p: (p["density"], -p["sparse_acc"])) if ok else None
+    if max_density is not None:
+        ok = [p for p in pts if p["density"] <= max_density]
+        return max(ok, key=lambda p: (p["sparse_acc"], -p["density"])) if ok else None
+    return max(pts, key=lambda p: p["sparse_acc"])

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from dessilbi.checkpoint import load_checkpoint
+from dessilbi.cli import main
+from dessilbi.runs import choose_epoch, open_run, pareto_front
+from dessilbi.sparsity import Mask
+
+TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "1", "28", "10", "--epochs", "4",
+        "--batch-size", "32", "--nu", "0.5", "--lambda", "0.1", "--no-progress", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "--model", "lenet5", *TINY, "--runs-dir", str(root), "--name", "r",
+                 "--lambda-conv", "0.3"]) == 0
+    return root / "r"
+
+
+def test_mask_command_formats_and_save(run_dir, tmp_path, capsys):
+    assert main(["mask", str(run_dir), "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rep["(all)"]["density"] == pytest.approx(last["density"])
+    assert main(["mask", str(run_dir), "--density", "0.1", "--format", "csv", "--out",
+                 str(tmp_path / "m.pt")]) == 0
+    assert capsys.readouterr().out.startswith("layer,weights")
+    assert Mask.load(tmp_path / "m.pt").density() == pytest.approx(0.1, abs=0.01)
+
+
+def test_mask_at_epoch_matches_logged_density(run_dir):
+    run = open_run(run_dir)
+    for m in run.metrics:
+        assert run.mask(m["epoch"]).density() == pytest.approx(m["density"])
+    with pytest.raises(ValueError, match="invalid epoch"):
+        run.mask(99)
+
+
+def test_path_pareto_and_choice(run_dir, tmp_path, capsys):
+    assert main(["path", str(run_dir), "--max-drop", "100", "--save-mask",
+                 str(tmp_path / "c.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto" in out and "epoch" in out and (tmp_path / "c.pt").exists()
+    pts = [{"epoch": 1, "density": 0.1, "full_acc": 90, "sparse_acc": 50},
+           {"epoch": 2, "density": 0.2, "full_acc": 91, "sparse_acc": 89},
+           {"epoch": 3, "density": 0.3, "full_acc": 91, "sparse_acc": 88},
+           {"epoch": 4, "density": 0.4, "full_acc": 92, "sparse_acc": 91.5}]
+    assert [p["epoch"] for p in pareto_front(pts)] == [1, 2, 4]
+    assert choose_epoch(pts, max_drop=3)["epoch"] == 2
+    assert choose_epoch(pts, max_density=0.35)["epoch"] == 2
+    assert choose_epoch(pts, max_drop=0.1) is None
+
+
+def test_plot_writes_png_and_svg(run_dir, tmp_path):
+    assert main(["plot", str(run_dir), "--out", str(tmp_path)]) == 0
+    for name in ("solution_path", "accuracy_density", "layer_density"):
+        for ext in ("png", "svg"):
+            assert (tmp_path / f"{name}.{ext}").stat().st_size > 1000
+
+
+def test_prune_command_with_onnx(run_dir, tmp_path, capsys):
+    out = tmp_path / "p.pt"
+    assert main(["prune", str(run_dir), "--density", "0.3", "--out", str(out), "--onnx",
+                 str(tmp_path / "p.onnx")]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert report["macs_after"] < report["macs_before"]
+    assert report["onnx_max_abs_diff"] < 1e-4
+    model = torch.load(out, weights_only=False)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+
+
+def test_lottery_with_imp_and_random(run_dir, capsys):
+    assert main(["lottery", "--from", str(run_dir), "--epoch", "2", "--epochs", "2",
+                 "--imp-rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("Γ ticket", "random", "IMP", "dense"):
+        assert label in out
+    folder = run_dir / "tickets" / "epoch2"
+    records = json.loads((folder / "lottery.json").read_text())
+    by = {r["method"]: r for r in records}
+    assert by["random"]["density"] == pytest.approx(by["gamma"]["density"])
+    assert by["imp"]["density"] == pytest.approx(by["gamma"]["density"], rel=0.05)
+    # the ticket retraining rewinds to init.pt and keeps pruned weights exactly zero
+    ticket_run = folder / "gamma"
+    w = load_checkpoint(ticket_run / "checkpoint.pt")["model"]
+    mask = Mask.load(folder / "gamma.mask.pt")
+    for n, m in mask.masks.items():
+        assert (w[n][~m] == 0).all()
+    init = load_checkpoint(run_dir / "init.pt")["model"]
+    cfg = open_run(ticket_run).cfg
+    assert cfg.init_from == str(run_dir / "init.pt") and cfg.optimizer == "sgd-momentum"
+    # kept weights were trained from the initialisation
+    assert any(not torch.equal(init[n][m], w[n][m]) for n, m in mask.masks.items() if m.any())
