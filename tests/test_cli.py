@@ -94,3 +94,14 @@ def test_argparse_errors_exit_2_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "dessilbi.cli", "train", "--lr", "abc"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--lr" in proc.stderr
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from dessilbi.config import TrainConfig, load_config_file
+
+    files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        TrainConfig.from_dict(load_config_file(f), source=str(f)).validate()

@@ -252,6 +252,39 @@ def cmd_imp(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- grow
+def cmd_grow(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .cli import config_from_args
+    from .config import load_config_file
+    from .grow import GrowConfig, grow
+
+    file_keys = {str(k).replace("-", "_") for k in load_config_file(args.config)} \
+        if args.config else set()
+    cfg = config_from_args(args)
+    if args.model is None and "model" not in file_keys:  # growing starts narrow: VGG by default
+        cfg.model = "vgg16_bn"
+    if args.width is None and "width" not in file_keys:
+        cfg.width = 0.25
+    gcfg = GrowConfig(tau=args.tau, grow_every=args.grow_every, max_stages=args.max_stages,
+                      finetune_epochs=args.finetune_epochs)
+    bar = tqdm(desc="grow", unit="epoch", disable=not cfg.progress)
+    result = grow(cfg, gcfg, progress=lambda e: bar.update(1))
+    bar.close()
+    rows = [["stage", "epoch", "params", "Full acc", "Sparse acc", "grown layers"]]
+    for st in result["stages"]:
+        rows.append([str(st["stage"]), str(st["epoch"]), f"{st['params']:,}",
+                     f"{st['full_acc']:.2f}", f"{st['sparse_acc']:.2f}" if "sparse_acc" in st
+                     else "—", ", ".join(f"{k}→{v}" for k, v in st.get("grown", {}).items())
+                     or "—"])
+    print(_table(rows))
+    first, last = result["stages"][0]["architecture"], result["stages"][-1]["architecture"]
+    print("\nwidths: " + ", ".join(f"{k} {first[k]}→{last.get(k, first[k])}" for k in first))
+    print(f"run: {result['run']} (grow.jsonl, grown_model.pt)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def _retrain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", required=True, help="the DessiLBI run folder")
@@ -315,3 +348,16 @@ def register(sub: Any) -> None:
     im.add_argument("--density", type=float, required=True)
     im.add_argument("--rounds", type=int, default=3)
     im.set_defaults(func=cmd_imp)
+
+    from .cli import add_config_arguments
+
+    gr = sub.add_parser("grow", help="start a narrow VGG / ResNet and widen the layers whose "
+                        "selected fraction exceeds τ (journal version)")
+    gr.add_argument("--config", help="YAML or TOML file of training options")
+    gr.add_argument("--tau", type=float, default=0.8, help="grow a layer when more than this "
+                    "fraction of its filters is in supp(Γ)")
+    gr.add_argument("--grow-every", type=int, default=2, help="epochs between growth checks")
+    gr.add_argument("--max-stages", type=int, default=10)
+    gr.add_argument("--finetune-epochs", type=int, default=5)
+    add_config_arguments(gr)
+    gr.set_defaults(func=cmd_grow)

@@ -40,6 +40,7 @@ class TrainConfig:
     """Everything a training run depends on."""
 
     model: str = "lenet3"
+    width: float = 1.0  # channel multiplier (vgg16_bn, resnet*): narrow starts for growing
     dataset: str = "default"  # fashion-mnist when it is found, otherwise digits
     data_dir: str = "data"
     download: bool = False
@@ -90,7 +91,7 @@ class TrainConfig:
             raise bad("dataset", f"choose one of default, {', '.join(DATASETS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
-        positive = ("lr", "kappa", "nu", "batch_size", "epochs", "lr_gamma", "step_size")
+        positive = ("lr", "kappa", "nu", "batch_size", "epochs", "lr_gamma", "step_size", "width")
         for f in positive:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or (

@@ -115,7 +115,10 @@ def _batches(dataset: Dataset, indices: Tensor, batch_size: int, workers: int,
             x = dataset.images[idx].float().div_(255.0)
             if dataset.augment is not None:
                 x = torch.stack([dataset.augment(xi) for xi in x])
-            yield (x - mean) / std, dataset.labels[idx]
+            x, y = (x - mean) / std, dataset.labels[idx]
+            if pin:  # page-locked, so the copy to the GPU can be non-blocking
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x, y
         return
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(),
                         num_workers=workers, pin_memory=pin, persistent_workers=False)
@@ -191,7 +194,8 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         seed=cfg.seed,
     )
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size)
+    model = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size,
+                         width=cfg.width)
     if cfg.init_from:
         state = load_checkpoint(cfg.init_from)
         model.load_state_dict(state.get("model", state))
@@ -380,8 +384,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                                 f"loss became NaN/Inf in epoch {epoch + 1} before batch "
                                 f"{batch_i}; the last good checkpoint is {ckpt_path} "
                                 "(try a smaller lr)")
-                        bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
-                                        acc=f"{100.0 * float(correct) / seen:.1f}")
+                        post = {"loss": f"{float(loss_sum) / seen:.3f}",
+                                "acc": f"{100.0 * float(correct) / seen:.1f}"}
+                        if "density" in metrics:  # the support as of the last epoch
+                            post["density"] = f"{100 * metrics['density']:.2f}%"
+                        bar.set_postfix(post)
             except KeyboardInterrupt:
                 bar.close()
                 accum = {"loss": accum["loss"] + float(loss_sum),

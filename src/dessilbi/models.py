@@ -38,15 +38,27 @@ def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
 
 
 def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
+    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+    width: float = 1.0,
 ) -> nn.Module:
-    """Build the registered model ``name`` for the given input geometry."""
+    """Build the registered model ``name`` for the given input geometry.
+
+    ``width`` scales the channel counts of ``vgg16_bn`` and the CIFAR ResNets (narrow starts for
+    network growing); other models accept only 1.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels),
                          ("image_size", image_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"invalid {field}={value!r}: must be a positive integer")
+    if width != 1.0:
+        if not width > 0:
+            raise ValueError(f"invalid width={width!r}: must be > 0")
+        if name not in WIDTH_MODELS:
+            raise ValueError(f"invalid width={width!r}: {name} has a fixed width; "
+                             f"{', '.join(sorted(WIDTH_MODELS))} accept one")
+        return MODELS[name](num_classes, in_channels, image_size, width=width)  # type: ignore[call-arg]
     return MODELS[name](num_classes, in_channels, image_size)
 
 
@@ -121,7 +133,8 @@ VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 
 
 @register_model("vgg16_bn")
-def vgg16_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def vgg16_bn(num_classes: int, in_channels: int, image_size: int,
+             width: float = 1.0) -> nn.Module:
     layers: list[nn.Module] = []
     c = in_channels
     for v in VGG16:
@@ -129,9 +142,10 @@ def vgg16_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
             # ceil_mode keeps five pools valid on 28×28 inputs as well as 32×32
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         else:
-            layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)),
+            n = max(1, round(int(v) * width))
+            layers += [nn.Conv2d(c, n, 3, padding=1, bias=False), nn.BatchNorm2d(n),
                        nn.ReLU(inplace=True)]
-            c = int(v)
+            c = n
     layers.append(nn.AdaptiveAvgPool2d(1))
     return Classifier(nn.Sequential(*layers), nn.Linear(c, num_classes))
 
@@ -160,25 +174,27 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images (He et al., Sec. 4.2)."""
 
-    def __init__(self, depth: int, num_classes: int, in_channels: int) -> None:
+    def __init__(self, depth: int, num_classes: int, in_channels: int,
+                 width: float = 1.0) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"invalid depth={depth}: must be 6n + 2")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        widths = [max(1, round(w * width)) for w in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         stages: list[nn.Module] = []
-        cin = 16
-        for i, width in enumerate((16, 32, 64)):
+        cin = widths[0]
+        for i, w in enumerate(widths):
             blocks = []
             for j in range(n):
-                blocks.append(BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
-                cin = width
+                blocks.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(widths[2], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -191,8 +207,10 @@ class CifarResNet(nn.Module):
 
 for _depth in (20, 32, 56, 110):
     register_model(f"resnet{_depth}")(
-        lambda k, c, s, d=_depth: CifarResNet(d, k, c)  # noqa: ARG005 (image size free)
+        lambda k, c, s, d=_depth, width=1.0: CifarResNet(d, k, c, width)  # noqa: ARG005
     )
+
+WIDTH_MODELS = {"vgg16_bn", "resnet20", "resnet32", "resnet56", "resnet110"}
 
 
 def _small_stem_resnet(model: nn.Module, in_channels: int, image_size: int) -> nn.Module:

@@ -1,0 +1,69 @@
+import torch
+
+from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi.cli import main
+from dessilbi.grow import find_growable, grow_layer, grown_size, transfer_state
+from dessilbi.models import create_model
+
+
+def test_grown_size():
+    assert grown_size(16) == 24 and grown_size(100) == 110 and grown_size(200) == 220
+
+
+def test_growing_preserves_function_old_weights_and_optimizer_state():
+    torch.manual_seed(0)
+    model = create_model("vgg16_bn", 10, 1, 28, width=0.125)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    opt = DessiLBI(lbi_param_groups(model), lr=0.05, nu=1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    before = model(x).detach()
+    growables = find_growable(model, x[:1])
+    assert len(growables) == 13  # every conv of a plain chain can grow
+    g = growables[1]
+    old_w = g.conv.weight.detach().clone()
+    old_v = opt.state[g.conv.weight]["V"].clone()
+    old_b = opt.state[g.conv.weight]["momentum_buffer"].clone()
+    consumer = g.consumers[0]
+    old_cv = opt.state[consumer.weight]["V"].clone()
+    names = {id(p): n for n, p in model.named_parameters()}
+    n = g.conv.out_channels
+    grow_layer(g, grown_size(n), torch.Generator().manual_seed(0))
+    assert g.conv.out_channels == grown_size(n) == g.norms[0].num_features
+    assert consumer.in_channels == grown_size(n)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)  # same function
+    assert torch.equal(g.conv.weight[:n], old_w)
+    # new filters orthogonal to the old ones
+    old_rows = old_w.reshape(n, -1)
+    new_rows = g.conv.weight[n:].detach().reshape(grown_size(n) - n, -1)
+    assert (new_rows @ old_rows.T).abs().max() < 1e-4
+    new_opt = DessiLBI(lbi_param_groups(model), lr=0.05, nu=1.0)
+    transfer_state(opt, names, new_opt, model)
+    st = new_opt.state[g.conv.weight]
+    assert torch.equal(st["V"][:n], old_v) and (st["V"][n:] == 0).all()
+    assert torch.equal(st["momentum_buffer"][:n], old_b)
+    assert torch.equal(new_opt.state[consumer.weight]["V"][:, :n], old_cv)
+    model.train()
+    new_opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    new_opt.step()  # the wider optimizer steps with the carried state
+
+
+def test_resnet_grows_block_inner_convs_only():
+    model = create_model("resnet20", 10, 1, 28, width=0.25)
+    names = [g.name for g in find_growable(model, torch.randn(1, 1, 28, 28))]
+    assert names and all(n.endswith(".conv1") and n.startswith("layer") for n in names)
+
+
+def test_grow_command(tmp_path, capsys):
+    assert main(["grow", "--dataset", "synthetic", "--synthetic-size", "128", "1", "28", "10",
+                 "--batch-size", "32", "--nu", "0.5", "--lambda-conv", "0.05", "--model",
+                 "resnet20", "--grow-every", "1", "--max-stages", "2", "--finetune-epochs", "1",
+                 "--runs-dir", str(tmp_path), "--no-progress", "--name", "g"]) == 0
+    out = capsys.readouterr().out
+    assert "widths:" in out
+    lines = (tmp_path / "g" / "grow.jsonl").read_text().splitlines()
+    assert len(lines) >= 2 and (tmp_path / "g" / "grown_model.pt").exists()
