@@ -239,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the summary as JSON here")
     add_config_arguments(s)
     s.set_defaults(func=cmd_sweep)
+    from .cli_paper import register as register_paper
     from .cli_structure import register as register_structure
 
     register_structure(sub)
+    register_paper(sub)
     return p
 
 

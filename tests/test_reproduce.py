@@ -1,0 +1,66 @@
+import csv
+from pathlib import Path
+
+import pytest
+
+from dessilbi.cli import main
+from dessilbi.config import ConfigError
+from dessilbi.reproduce import KINDS, expand_runs, find_tables, load_table
+
+CONFIGS = Path(__file__).parent.parent / "configs" / "paper"
+
+EXPECTED_COLUMNS = {
+    "compare": ["best acc", "final acc", "Sparse acc (final)", "density (final)"],
+    "sweep_best": ["best Full acc", "best Sparse acc", "final density"],
+    "sweep_epochs": ["sparsity @1", "Sparse acc @1"],
+    "layer_density": ["layer", "weights", "sparsity (density of supp Γ)", "filters kept"],
+    "cost": ["SGD step (ms)", "DessiLBI step (ms)", "time ratio", "memory ratio"],
+    "lottery": ["ticket epoch", "method", "density", "best acc", "final acc"],
+}
+
+
+def test_every_table_has_a_valid_config():
+    tables = find_tables(CONFIGS)
+    assert set(tables) == {f"T{i}" for i in range(1, 11)}
+    for path in tables.values():
+        spec = load_table(path)
+        assert spec.kind in KINDS and {"full", "cpu"} <= set(spec.budgets)
+        for budget in spec.budgets:
+            assert expand_runs(spec, budget)
+            assert spec.budget(budget).get("note")
+
+
+def test_bad_table_configs_are_rejected(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("table: TX\ntitle: x\nkind: nope\nbudgets: {cpu: {base: {}}}\n")
+    with pytest.raises(ConfigError, match="invalid kind"):
+        load_table(bad)
+    bad.write_text("table: TX\ntitle: x\nkind: compare\nbudgets: {cpu: {base: {nu: -1}}}\n")
+    with pytest.raises(ConfigError, match="invalid nu"):
+        load_table(bad)
+    bad.write_text("table: TX\ntitle: x\nkind: compare\nbudgets: {cpu: {base: {modle: x}}}\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_table(bad)
+
+
+def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
+    tiny = ["--set", "dataset=synthetic", "--set", "synthetic_size=[64,1,28,10]", "--set",
+            "epochs=2", "--set", "batch_size=32", "--set", "tensorboard=false"]
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    assert main(["reproduce", "all", "--budget", "cpu", "--runs-dir", str(runs), "--out",
+                 str(out), "--configs", str(CONFIGS), *tiny]) == 0
+    for table, path in find_tables(CONFIGS).items():
+        spec = load_table(path)
+        md = out / f"{table.lower()}_cpu.md"
+        rows = list(csv.reader((out / f"{table.lower()}_cpu.csv").open()))
+        assert md.exists() and len(rows) >= 2, table
+        for col in EXPECTED_COLUMNS[spec.kind]:
+            assert col in rows[0], (table, col)
+        text = md.read_text()
+        assert "Budget **cpu**" in text and "torch" in text and "dessilbi reproduce" in text
+    # report alone reads the run folders and rewrites the same files, without training
+    before = {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
+    assert main(["report", "T2", "--budget", "cpu", "--runs-dir", str(runs), "--out",
+                 str(out), "--configs", str(CONFIGS), *tiny]) == 0
+    assert before == {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
+    assert main(["report", "T99", "--configs", str(CONFIGS)]) == 2
