@@ -26,6 +26,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,33 +335,49 @@ def _figure(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], keys: l
     return path
 
 
+def _compare_row(m: list[dict[str, Any]]) -> list[list[str]]:
+    return [[_fmt(max(x["full_acc"] for x in m)), _fmt(m[-1]["full_acc"]),
+             _fmt(m[-1].get("sparse_acc")), _fmt(m[-1].get("density"), True)]]
+
+
+def _sweep_best_row(m: list[dict[str, Any]]) -> list[list[str]]:
+    return [[_fmt(max(x["full_acc"] for x in m)), _fmt(max(x.get("sparse_acc", 0.0) for x in m)),
+             _fmt(m[-1].get("density"), True)]]
+
+
+def _layer_rows(m: list[dict[str, Any]]) -> list[list[str]]:
+    return [[name, f"{r['weights']:,}", f"{r['density']:.3f}",
+             f"{r['filters_kept']}/{r['filters']}" if "filters" in r else ""]
+            for name, r in m[-1]["layers"].items()]
+
+
+# kind → (columns, rows of one run from its metrics): the tables with one block per run
+_PER_RUN: dict[str, tuple[list[str], Callable[[list[dict[str, Any]]], list[list[str]]]]] = {
+    "compare": (["best acc", "final acc", "Sparse acc (final)", "density (final)"],
+                _compare_row),
+    "sweep_best": (["best Full acc", "best Sparse acc", "final density"], _sweep_best_row),
+    "layer_density": (["layer", "weights", "sparsity (density of supp Γ)", "filters kept"],
+                      _layer_rows),
+}
+
+
 def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], keys: list[str],
                 runs_dir: str) -> tuple[list[str], list[list[str]], list[str]]:
     extra: list[str] = []
-    if spec.kind == "compare":
-        header = keys + ["best acc", "final acc", "Sparse acc (final)", "density (final)"]
-        rows = []
+    if spec.kind in _PER_RUN:
+        cols, make = _PER_RUN[spec.kind]
+        header, rows = keys + cols, []
         for c in cfgs:
             m = _metrics(c.run_dir())
             lab = [str(v) for v in _grid_label(c, keys, spec, _budget_name(spec, b)).values()]
             if not m:
-                rows.append(lab + ["(missing)"] * 4)
+                rows.append(lab + ["(missing)"] * len(cols))
                 continue
-            rows.append(lab + [_fmt(max(x["full_acc"] for x in m)), _fmt(m[-1]["full_acc"]),
-                               _fmt(m[-1].get("sparse_acc")), _fmt(m[-1].get("density"), True)])
-        return header, rows, extra
-    if spec.kind == "sweep_best":
-        header = keys + ["best Full acc", "best Sparse acc", "final density"]
-        rows = []
-        for c in cfgs:
-            m = _metrics(c.run_dir())
-            lab = [str(v) for v in _grid_label(c, keys, spec, _budget_name(spec, b)).values()]
-            if not m:
-                rows.append(lab + ["(missing)"] * 3)
-                continue
-            rows.append(lab + [_fmt(max(x["full_acc"] for x in m)),
-                               _fmt(max(x.get("sparse_acc", 0.0) for x in m)),
-                               _fmt(m[-1].get("density"), True)])
+            rows += [lab + r for r in make(m)]
+            if spec.kind == "layer_density":
+                extra.append(f"Final: Full {m[-1]['full_acc']:.2f}%, Sparse "
+                             f"{m[-1]['sparse_acc']:.2f}%, overall density "
+                             f"{100 * m[-1]['density']:.2f}% ({c.model}, {c.epochs} epochs).")
         return header, rows, extra
     if spec.kind == "sweep_epochs":
         header, rows = keys[:], []
@@ -377,22 +394,6 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
                 row += [_fmt(m[e]["density"], True) if e in m else "—",
                         _fmt(m[e]["sparse_acc"]) if e in m else "—"]
             rows.append(row)
-        return header, rows, extra
-    if spec.kind == "layer_density":
-        header = keys + ["layer", "weights", "sparsity (density of supp Γ)", "filters kept"]
-        rows = []
-        for c in cfgs:
-            m = _metrics(c.run_dir())
-            lab = [str(v) for v in _grid_label(c, keys, spec, _budget_name(spec, b)).values()]
-            if not m:
-                rows.append(lab + ["(missing)"] * 4)
-                continue
-            for name, r in m[-1]["layers"].items():
-                kept = f"{r['filters_kept']}/{r['filters']}" if "filters" in r else ""
-                rows.append(lab + [name, f"{r['weights']:,}", f"{r['density']:.3f}", kept])
-            extra.append(f"Final: Full {m[-1]['full_acc']:.2f}%, Sparse "
-                         f"{m[-1]['sparse_acc']:.2f}%, overall density "
-                         f"{100 * m[-1]['density']:.2f}% ({c.model}, {c.epochs} epochs).")
         return header, rows, extra
     if spec.kind == "lottery":
         header = ["source run", "ticket epoch", "method", "density", "best acc", "final acc"]
