@@ -239,11 +239,12 @@ def _grid_label(cfg: TrainConfig, keys: list[str], spec: TableSpec | None = None
     out = {}
     grid = (spec.budget(budget).get("grid") or {}) if spec else {}
     for k in keys:
-        for v in grid.get(k, []):  # bundles: find the one this run was made from
-            if isinstance(v, dict) and all(getattr(cfg, kk) == vv for kk, vv in v.items()
-                                           if kk != "label"):
-                out[k] = v.get("label", next(iter(v.values())))
-                break
+        # bundles: the most specific one whose settings this run has
+        matches = [v for v in grid.get(k, []) if isinstance(v, dict) and all(
+            getattr(cfg, kk) == vv for kk, vv in v.items() if kk != "label")]
+        if matches:
+            best = max(matches, key=len)
+            out[k] = best.get("label", next(iter(best.values())))
         else:
             out[k] = getattr(cfg, k, "")
     return out
