@@ -194,3 +194,20 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
     a, b = weights(single.run_dir()), weights(ddp_run)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_rewinding_restores_initial_weights_exactly(tmp_path):
+    from dessilbi.engine import build
+    from dessilbi.sparsity import Mask
+
+    src = cfg(tmp_path / "src", epochs=1)
+    train(src)
+    init = load_checkpoint(src.run_dir() / "init.pt")["model"]
+    mask = Mask({"head.0.weight": torch.rand(init["head.0.weight"].shape) < 0.3})
+    mask.save(tmp_path / "m.pt")
+    b = build(cfg(tmp_path / "t", init_from=str(src.run_dir() / "init.pt"),
+                  mask=str(tmp_path / "m.pt"), optimizer="sgd-momentum"))
+    state = b.model.state_dict()
+    for k, v in init.items():
+        want = v * mask.masks[k] if k in mask.masks else v
+        assert torch.equal(state[k], want), k
