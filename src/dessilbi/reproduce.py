@@ -362,6 +362,18 @@ _PER_RUN: dict[str, tuple[list[str], Callable[[list[dict[str, Any]]], list[list[
 }
 
 
+def _add_published_layers(spec: TableSpec, header: list[str], rows: list[list[str]],
+                          n_layers: int) -> None:
+    """Put the paper's per-layer numbers beside ours, layer by layer in order."""
+    pub = list((spec.published.get("layers") or {}).items())
+    if not pub or len(pub) != n_layers:
+        return
+    if "published" not in header[-1]:
+        header += ["paper layer", "paper weights", "published sparsity"]
+    for row, (name, r) in zip(rows[-n_layers:], pub):
+        row += [name, f"{r['weights']:,}", f"{r['sparsity']:.3f}"]
+
+
 def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], keys: list[str],
                 runs_dir: str) -> tuple[list[str], list[list[str]], list[str]]:
     extra: list[str] = []
@@ -376,6 +388,7 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
                 continue
             rows += [lab + r for r in make(m)]
             if spec.kind == "layer_density":
+                _add_published_layers(spec, header, rows, len(m[-1]["layers"]))
                 extra.append(f"Final: Full {m[-1]['full_acc']:.2f}%, Sparse "
                              f"{m[-1]['sparse_acc']:.2f}%, overall density "
                              f"{100 * m[-1]['density']:.2f}% ({c.model}, {c.epochs} epochs).")
