@@ -63,4 +63,5 @@ def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
     assert main(["report", "T2", "--budget", "cpu", "--runs-dir", str(runs), "--out",
                  str(out), "--configs", str(CONFIGS), *tiny]) == 0
     assert before == {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
+    assert "t2_cpu.md" in (out / "README.md").read_text()
     assert main(["report", "T99", "--configs", str(CONFIGS)]) == 2

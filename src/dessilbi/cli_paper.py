@@ -51,16 +51,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if not args.no_report:
             for p in report_table(spec, args.budget, args.runs_dir, args.out, over):
                 print(f"  wrote {p}")
+    if not args.no_report:
+        from .reproduce import write_index
+
+        print(f"  wrote {write_index(args.out)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .reproduce import report_table
+    from .reproduce import report_table, write_index
 
     over = _overrides(args.set)
     for spec in _tables(args):
         for p in report_table(spec, args.budget, args.runs_dir, args.out, over):
             print(p)
+    print(write_index(args.out))
     return 0
 
 
