@@ -65,3 +65,26 @@ def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
     assert before == {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
     assert "t2_cpu.md" in (out / "README.md").read_text()
     assert main(["report", "T99", "--configs", str(CONFIGS)]) == 2
+
+
+def test_a_diverging_run_is_reported_not_fatal(tmp_path, monkeypatch):
+    from dessilbi import engine
+
+    cfgfile = tmp_path / "t.yaml"
+    cfgfile.write_text(
+        "table: TX\ntitle: x\nkind: sweep_best\nrows: lr\nbudgets:\n  cpu:\n    note: n\n"
+        "    base: {model: lenet3, dataset: synthetic, synthetic_size: [64, 1, 28, 10], "
+        "epochs: 1, batch_size: 32, tensorboard: false}\n    grid: {lr: [0.1, 0.05]}\n")
+    real = engine._batches
+
+    def poisoned(dataset, indices, batch_size, workers, pin):
+        for x, y in real(dataset, indices, batch_size, workers, pin):
+            yield (x * float("nan") if batch_size == 32 else x), y
+
+    monkeypatch.setattr(engine, "_batches", poisoned)
+    spec = load_table(cfgfile)
+    from dessilbi.reproduce import report_table, run_table
+
+    run_table(spec, "cpu", str(tmp_path / "runs"))
+    md, csv_path = report_table(spec, "cpu", str(tmp_path / "runs"), tmp_path / "out")[:2]
+    assert md.read_text().count("diverged (NaN/Inf loss)") == 2

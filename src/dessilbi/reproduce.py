@@ -134,7 +134,7 @@ def expand_runs(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
 def run_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
               overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train every missing run of the table (finished runs are reused, interrupted ones resumed)."""
-    from .engine import train
+    from .engine import NonFiniteLossError, train
 
     summaries: list[dict[str, Any]] = []
     b = spec.budget(budget)
@@ -147,7 +147,12 @@ def run_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
             summaries.append(json.loads(done.read_text()))
             continue
         t0 = time.perf_counter()
-        s = train(cfg, resume=True)
+        try:
+            s = train(cfg, resume=True)
+        except NonFiniteLossError as e:  # a result too: this setting diverges
+            log.warning("%s diverged: %s", cfg.run_dir(), e)
+            s = {"run": str(cfg.run_dir()), "config": cfg.to_dict(), "final": {},
+                 "diverged": str(e)}
         s["wall_time_s"] = time.perf_counter() - t0
         (cfg.run_dir() / "summary.json").write_text(json.dumps(s, indent=2))
         summaries.append(s)
@@ -217,6 +222,11 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not p.exists():
         return []
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def _diverged(cfg: TrainConfig) -> bool:
+    p = cfg.run_dir() / "summary.json"
+    return p.exists() and "diverged" in json.loads(p.read_text())
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -383,6 +393,9 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
         for c in cfgs:
             m = _metrics(c.run_dir())
             lab = [str(v) for v in _grid_label(c, keys, spec, _budget_name(spec, b)).values()]
+            if _diverged(c):
+                rows.append(lab + ["diverged (NaN/Inf loss)"] + ["—"] * (len(cols) - 1))
+                continue
             if not m:
                 rows.append(lab + ["(missing)"] * len(cols))
                 continue
@@ -404,6 +417,8 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
                     header += [f"sparsity @{e}", f"Sparse acc @{e}"]
                 first = False
             row = [str(v) for v in _grid_label(c, keys, spec, _budget_name(spec, b)).values()]
+            if _diverged(c):
+                row[-1] += " (diverged)"
             for e in picks:
                 row += [_fmt(m[e]["density"], True) if e in m else "—",
                         _fmt(m[e]["sparse_acc"]) if e in m else "—"]
