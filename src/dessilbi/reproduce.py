@@ -440,13 +440,15 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
     # cost
     path = Path(runs_dir) / "cost" / f"{_budget_name(spec, b)}.json"
     header = ["model", "batch", "device", "SGD step (ms)", "DessiLBI step (ms)", "time ratio",
-              "SGD memory (MB)", "DessiLBI memory (MB)", "memory ratio", "memory measure"]
+              "SGD memory (MB)", "DessiLBI memory (MB)", "memory ratio", "memory measure",
+              "peak RSS SGD / DessiLBI (MB)"]
     rows = []
     if path.exists():
         for r in json.loads(path.read_text()):
+            rss = f"{r['rss_sgd_mb']:.0f} / {r['rss_lbi_mb']:.0f}" if "rss_sgd_mb" in r else "—"
             rows.append([r["model"], str(r["batch_size"]), r["device"], f"{r['sgd_ms']:.2f}",
                          f"{r['lbi_ms']:.2f}", f"{r['time_ratio']:.3f}", f"{r['sgd_mb']:.1f}",
-                         f"{r['lbi_mb']:.1f}", f"{r['memory_ratio']:.3f}", r["memory_kind"]])
+                         f"{r['lbi_mb']:.1f}", f"{r['memory_ratio']:.3f}", r["memory_kind"], rss])
     return header, rows, extra
 
 
