@@ -14,7 +14,7 @@ on/off, group norm) are compile-time constants.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import torch
@@ -63,52 +63,100 @@ def _update(
         w.copy_(w - lr * kappa * (d + diff * nu_inv))
 
 
-def _scalars(cache: dict[str, Any], device: torch.device, dtype: torch.dtype,
-             values: dict[str, float]) -> dict[str, Tensor]:
-    # torch.full on the device avoids a host-to-device copy (and its synchronisation).
-    key = ("scalars", device, dtype)
-    held = cache.get(key)
-    if held is None or held[0] != values:
-        held = (dict(values), {k: torch.full((), v, device=device, dtype=dtype)
-                               for k, v in values.items()})
-        cache[key] = held
-    return held[1]
+def _update_many(items: list[tuple[Any, ...]]) -> None:
+    """Every bundle's update in one compiled graph (one call, one guard check per step)."""
+    for item in items:
+        _update(*item)
 
 
-def fused_update(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
-    vs: list[Tensor | None], *, cache: dict[str, Any] | None, penalty: str,
-    lr: float | Tensor, kappa: float, nu: float, lambda_: float, group_norm: str,
-    momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-) -> None:
-    """Compiled DessiLBI step; same contract as :func:`dessilbi.optim.dessilbi_update`."""
-    cache = {} if cache is None else cache
-    if "update" not in cache:
-        cache["update"] = torch.compile(_update, fullgraph=True)
-        cache["scales"] = torch.compile(_group_scales, fullgraph=True)
+def _scales_many(items: list[tuple[list[Tensor], Tensor, Tensor, bool]]) -> list[list[Tensor]]:
+    return [_group_scales(*item) for item in items]
+
+
+class _ScalarCache:
+    """0-d hyper-parameter tensors by (device, dtype, values), the most recent few kept.
+
+    ``torch.full`` on the device avoids a host-to-device copy (and its synchronisation); keying by
+    the values lets groups with different settings share the cache without re-filling every step.
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self.held: OrderedDict[tuple[Any, ...], dict[str, Tensor]] = OrderedDict()
+
+    def get(self, device: torch.device, dtype: torch.dtype,
+            values: dict[str, float]) -> dict[str, Tensor]:
+        key = (device, dtype, tuple(sorted(values.items())))
+        if key in self.held:
+            self.held.move_to_end(key)
+            return self.held[key]
+        tensors = {k: torch.full((), v, device=device, dtype=dtype) for k, v in values.items()}
+        self.held[key] = tensors
+        if len(self.held) > self.size:
+            self.held.popitem(last=False)
+        return tensors
+
+
+def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+             vs: list[Tensor | None], scalars: _ScalarCache, penalty: str, lr: float | Tensor,
+             kappa: float, nu: float, lambda_: float, group_norm: str, momentum: float,
+             dampening: float, nesterov: bool, weight_decay: float,
+             ) -> list[tuple[tuple[Any, ...], tuple[Any, ...] | None]]:
+    """(update arguments, filter-norm arguments or None) per (device, dtype) of one bundle.
+
+    Missing momentum buffers are created in ``bufs`` (b ← g on the first step is taken as
+    b ← 0·b + 1·g, so the graph is the same on every step).
+    """
     lr_value = float(lr) if isinstance(lr, Tensor) else lr
     use_momentum = momentum != 0.0
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         groups[(p.device, p.dtype)].append(i)
+    out = []
     for (device, dtype), idx in groups.items():
         first = use_momentum and any(bufs[i] is None for i in idx)
-        if first:
-            # b ← g on the first step: start from zeros and take b ← 0·b + 1·g below.
-            for i in idx:
-                if bufs[i] is None:
-                    bufs[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
-        values = dict(
+        for i in idx:
+            if use_momentum and bufs[i] is None:
+                bufs[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+        h = scalars.get(device, dtype, dict(
             lr=lr_value, kappa=kappa, nu_inv=0.0 if math.isinf(nu) else 1.0 / nu,
             lam=lambda_, wd=weight_decay, momentum=momentum,
             buf_keep=0.0 if first else momentum, grad_coef=1.0 if first else 1.0 - dampening,
-        )
-        h = _scalars(cache, device, dtype, values)
-        p_ = [params[i] for i in idx]
+        ))
         v_ = [vs[i] for i in idx] if penalty != "none" else []
-        scales = cache["scales"](v_, h["lam"], h["kappa"], group_norm == "rms") \
-            if penalty == "group" else []
-        cache["update"](
-            p_, [grads[i] for i in idx], [bufs[i] for i in idx] if use_momentum else [],
-            v_, scales, h, penalty, use_momentum, nesterov, weight_decay != 0.0,
-        )
+        update = ([params[i] for i in idx], [grads[i] for i in idx],
+                  [bufs[i] for i in idx] if use_momentum else [], v_, h, penalty,
+                  use_momentum, nesterov, weight_decay != 0.0)
+        norms = (v_, h["lam"], h["kappa"], group_norm == "rms") if penalty == "group" else None
+        out.append((update, norms))
+    return out
+
+
+def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
+    """Compiled DessiLBI step over several bundles (param groups × penalties) at once.
+
+    Each bundle holds ``params, grads, bufs, vs`` and the hyper-parameters of
+    :func:`dessilbi.optim.dessilbi_update`; ``bufs`` is completed in place.
+    """
+    if "update" not in cache:
+        cache["update"] = torch.compile(_update_many, fullgraph=True)
+        cache["scales"] = torch.compile(_scales_many, fullgraph=True)
+        cache["scalars"] = _ScalarCache()
+    prepared = [item for b in bundles for item in _prepare(scalars=cache["scalars"], **b)]
+    norm_args = [n for _, n in prepared if n is not None]
+    scales = iter(cache["scales"](norm_args) if norm_args else [])
+    items = []
+    for (params, grads, bufs, vs, h, penalty, use_m, nesterov, use_wd), n in prepared:
+        items.append((params, grads, bufs, vs, next(scales) if n is not None else [], h,
+                      penalty, use_m, nesterov, use_wd))
+    cache["update"](items)
+
+
+def fused_update(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+    vs: list[Tensor | None], *, cache: dict[str, Any] | None, **hp: Any,
+) -> None:
+    """Compiled DessiLBI step on one bundle; same contract as
+    :func:`dessilbi.optim.dessilbi_update`."""
+    fused_step([dict(params=params, grads=grads, bufs=bufs, vs=vs, **hp)],
+               {} if cache is None else cache)

@@ -188,6 +188,7 @@ class DessiLBI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        fused: list[tuple[_Bundle, dict[str, Any]]] = []
         for group in self.param_groups:
             by_penalty: dict[str, _Bundle] = defaultdict(_Bundle)
             for p in group["params"]:
@@ -204,28 +205,23 @@ class DessiLBI(Optimizer):
                     state["V"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 by_penalty[pen].add(p, state)
             for pen, bundle in by_penalty.items():
-                dessilbi_update(
-                    bundle.params,
-                    [p.grad for p in bundle.params],
-                    bundle.bufs,
-                    bundle.vs,
-                    penalty=pen,
-                    lr=group["lr"],
-                    kappa=group["kappa"],
-                    nu=group["nu"],
-                    lambda_=group["lambda_"],
-                    group_norm=group["group_norm"],
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    weight_decay=group["weight_decay"],
-                    foreach=group["foreach"],
-                    fused=group["fused"],
-                    compiled_cache=self._compiled_cache(),
-                )
-                if group["momentum"] != 0.0:
-                    for st, buf in zip(bundle.states, bundle.bufs):
-                        st["momentum_buffer"] = buf
+                hp = {k: group[k] for k in ("lr", "kappa", "nu", "lambda_", "group_norm",
+                                            "momentum", "dampening", "nesterov",
+                                            "weight_decay")}
+                if group["fused"]:  # all fused bundles go to one compiled call below
+                    fused.append((bundle, dict(params=bundle.params, grads=[
+                        p.grad for p in bundle.params], bufs=bundle.bufs, vs=bundle.vs,
+                        penalty=pen, **hp)))
+                    continue
+                dessilbi_update(bundle.params, [p.grad for p in bundle.params], bundle.bufs,
+                                bundle.vs, penalty=pen, foreach=group["foreach"], **hp)
+                bundle.store_buffers(group["momentum"])
+        if fused:
+            from ._fused import fused_step
+
+            fused_step([kw for _, kw in fused], self._compiled_cache())
+            for (bundle, kw) in fused:
+                bundle.store_buffers(kw["momentum"])
         return loss
 
     def _compiled_cache(self) -> dict[str, Any]:
@@ -308,6 +304,12 @@ class _Bundle:
         self.states.append(state)
         self.bufs.append(state.get("momentum_buffer"))
         self.vs.append(state.get("V"))
+
+    def store_buffers(self, momentum: float) -> None:
+        """Keep the (possibly new) momentum buffers in the optimizer state."""
+        if momentum != 0.0:
+            for st, buf in zip(self.states, self.bufs):
+                st["momentum_buffer"] = buf
 
 
 # ---------------------------------------------------------------------------
