@@ -14,11 +14,13 @@ on/off, group norm) are compile-time constants.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .optim import _group_by_device_dtype
 
 
 def _group_scales(vs: list[Tensor], lam: Tensor, kappa: Tensor, rms: bool) -> list[Tensor]:
@@ -109,11 +111,9 @@ def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
     """
     lr_value = float(lr) if isinstance(lr, Tensor) else lr
     use_momentum = momentum != 0.0
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[(p.device, p.dtype)].append(i)
     out = []
-    for (device, dtype), idx in groups.items():
+    for idx in _group_by_device_dtype(params):
+        device, dtype = params[idx[0]].device, params[idx[0]].dtype
         first = use_momentum and any(bufs[i] is None for i in idx)
         for i in idx:
             if use_momentum and bufs[i] is None:

@@ -18,13 +18,14 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, load_config_file
 from .data import CorruptDatasetError, DatasetNotFoundError
+from .tables import format_table
 
 __all__ = ["main"]
 
@@ -90,12 +91,8 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
 
 
 # ------------------------------------------------------------------------------- commands
-def _print_table(rows: list[list[str]], out: Callable[[str], None] = print) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        out("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            out("  ".join("-" * w for w in widths))
+def _print_table(rows: list[list[str]]) -> None:
+    print(format_table(rows))
 
 
 def _density_rows(final: dict[str, Any]) -> list[list[str]]:

@@ -13,18 +13,11 @@ import torch
 from .config import TrainConfig
 from .runs import choose_epoch, open_run, pareto_front
 from .sparsity import Mask, format_report
+from .tables import format_table as _table
 
 log = logging.getLogger("dessilbi")
 
 __all__ = ["register"]
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _select_mask(run: Any, model: torch.nn.Module, epoch: int | None,

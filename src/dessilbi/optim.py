@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .prox import GROUP_NORMS, group_scale, prox, soft_threshold
+from .prox import GROUP_NORMS, prox
 
 __all__ = ["DessiLBI", "resolve_penalty", "PENALTY_CHOICES"]
 
@@ -380,14 +380,6 @@ def _group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _unscaled_gamma(v: Tensor, penalty: str, lambda_: float, group_norm: str) -> Tensor:
-    """prox_λ(V) (Γ / κ) as a new tensor."""
-    if penalty == "lasso":
-        return soft_threshold(v, lambda_)
-    scale = group_scale(v, lambda_, 0, group_norm)
-    return v * scale.reshape((-1,) + (1,) * (v.ndim - 1)) if v.ndim else v * scale.reshape(())
-
-
 def _single_tensor(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
     vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
@@ -412,7 +404,7 @@ def _single_tensor(
             v = vs[i]
             assert v is not None
             # diff = W − Γ with the values before this step; it drives both V and W.
-            diff = _unscaled_gamma(v, penalty, lambda_, group_norm).mul_(-kappa).add_(w)
+            diff = prox(v, penalty, lambda_, group_norm).mul_(-kappa).add_(w)
             v.add_(diff, alpha=lr / nu)
             w.add_(diff, alpha=-step / nu)
         w.add_(d, alpha=-step)
@@ -440,7 +432,7 @@ def _multi_tensor(
     else:
         d = grads
     if penalty != "none":
-        gam = [_unscaled_gamma(v, penalty, lambda_, group_norm) for v in vs]
+        gam = [prox(v, penalty, lambda_, group_norm) for v in vs]
         diff = torch._foreach_sub(params, gam, alpha=kappa)
         torch._foreach_add_(vs, diff, alpha=lr / nu)
         torch._foreach_add_(params, diff, alpha=-step / nu)

@@ -393,9 +393,6 @@ def format_report(report: Mapping[str, Mapping[str, Any]], fmt: str = "table") -
         return buf.getvalue()
     if fmt != "table":
         raise ValueError(f"invalid format {fmt!r}: table, json or csv")
-    text = [cols] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in text) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in text]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .tables import format_table
+
+    return format_table([cols] + rows)
