@@ -18,7 +18,7 @@ from dessilbi.engine import NonFiniteLossError, RunExistsError, epoch_indices, t
 def cfg(tmp_path, **kw):
     base = dict(model="lenet3", dataset="synthetic", synthetic_size=[256, 1, 28, 10], epochs=4,
                 batch_size=32, nu=2.0, lambda_=0.3, runs_dir=str(tmp_path), progress=False,
-                tensorboard=False)
+                tensorboard=False, linear_penalty="lasso", keep_classifier=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -116,7 +116,8 @@ def test_kill_9_then_resume(tmp_path):
     args = [sys.executable, "-m", "dessilbi.cli", "train", "--model", "lenet3", "--dataset",
             "synthetic", "--synthetic-size", "2048", "1", "28", "10", "--epochs", "6",
             "--batch-size", "32", "--nu", "2.0", "--lambda", "0.3", "--runs-dir",
-            str(tmp_path / "k"), "--no-progress", "--no-tensorboard"]
+            str(tmp_path / "k"), "--no-progress", "--no-tensorboard", "--linear-penalty",
+            "lasso", "--no-keep-classifier"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ck = c.run_dir() / "checkpoint.pt"
@@ -174,7 +175,8 @@ def _ddp_worker(rank, world, port, runs_dir):
     torch.set_num_threads(1)
     c = TrainConfig(model="lenet3", dataset="synthetic", synthetic_size=[256, 1, 28, 10],
                     epochs=2, batch_size=32, nu=2.0, lambda_=0.3, runs_dir=runs_dir,
-                    progress=False, tensorboard=False, device="cpu")
+                    progress=False, tensorboard=False, device="cpu", linear_penalty="lasso",
+                    keep_classifier=False)
     train(c)
     import torch.distributed as dist
 
@@ -211,3 +213,48 @@ def test_rewinding_restores_initial_weights_exactly(tmp_path):
     for k, v in init.items():
         want = v * mask.masks[k] if k in mask.masks else v
         assert torch.equal(state[k], want), k
+
+
+def test_target_density_is_hit_and_reported(tmp_path):
+    c = cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
+            keep_classifier=True, epochs=2, tensorboard=True)
+    summary = train(c)
+    lines = [json.loads(x) for x in (c.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        for k in ("unit_density", "macs_ratio", "params_ratio"):
+            assert 0 < m[k] <= 1, k
+    final = summary["final"]
+    assert abs(final["unit_density"] - 0.5) <= 0.03
+    assert final["macs_ratio"] < 1 and final["params_ratio"] < 1
+    assert final["sparse_acc"] == final["full_acc"]  # the subnetwork is the trained network
+    assert "head.2.weight" not in final["layers"]  # the classifier is left whole
+
+
+def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    kw = dict(model="lenet5", target_density=0.4, linear_penalty="group", keep_classifier=True,
+              epochs=3)
+    whole = cfg(tmp_path / "a", **kw)
+    train(whole)
+    c = cfg(tmp_path / "b", **kw)
+    real = engine._batches
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 15:  # epoch 2, after the mask was fixed (step 12 of 24)
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(engine, "_batches", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(c)
+    monkeypatch.setattr(engine, "_batches", real)
+    train(c, resume=True)
+    assert_same(weights(whole.run_dir()), weights(c.run_dir()))
+    a = load_checkpoint(whole.run_dir() / "checkpoint.pt")["optimizer"]["state"]
+    b = load_checkpoint(c.run_dir() / "checkpoint.pt")["optimizer"]["state"]
+    for k in a:
+        for name in a[k]:
+            if isinstance(a[k][name], torch.Tensor):
+                assert torch.equal(a[k][name], b[k][name]), name

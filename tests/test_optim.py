@@ -103,13 +103,14 @@ def test_matches_naive_equations(foreach, cfg, group_norm):
     hp = dict(lr=0.1, kappa=1.5, nu=0.8, lam=0.05, momentum=cfg["momentum"],
               dampening=cfg["dampening"], nesterov=cfg["nesterov"])
     opt = DessiLBI(
-        lbi_param_groups(model, weight_decay=cfg["wd"], conv_options={"group_norm": group_norm}),
+        lbi_param_groups(model, weight_decay=cfg["wd"], conv_options={"group_norm": group_norm},
+                         linear_penalty="lasso", keep_classifier=False),
         lr=hp["lr"], kappa=hp["kappa"], nu=hp["nu"], lambda_=hp["lam"], momentum=hp["momentum"],
         dampening=hp["dampening"], nesterov=hp["nesterov"], foreach=foreach,
     )
     ref = NaiveDessiLBI(
-        lbi_param_groups(ref_model, weight_decay=cfg["wd"],
-                         conv_options={"group_norm": group_norm}), **hp,
+        lbi_param_groups(ref_model, weight_decay=cfg["wd"], linear_penalty="lasso",
+                         keep_classifier=False, conv_options={"group_norm": group_norm}), **hp,
     )
     data = batches(25)
     train(model, opt, data)

@@ -27,7 +27,8 @@ def ids(params):
 
 def test_groups_from_module_types():
     net = Net()
-    groups = by_name(lbi_param_groups(net, weight_decay=1e-4))
+    groups = by_name(lbi_param_groups(net, weight_decay=1e-4, linear_penalty="lasso",
+                                      keep_classifier=False))
     assert ids(groups["conv"]["params"]) == ids([net.conv.weight, net.body[0].weight])
     assert groups["conv"]["penalty"] == "group" and groups["conv"]["weight_decay"] == 1e-4
     assert ids(groups["linear"]["params"]) == ids([net.fc.weight, net.head.weight])
@@ -61,7 +62,7 @@ def test_exclude(how):
         assert "conv" not in groups
         assert id(net.conv.weight) in ids(groups["other"]["params"])
         return
-    groups = by_name(lbi_param_groups(net, exclude=[item]))
+    groups = by_name(lbi_param_groups(net, exclude=[item], keep_classifier=False))
     assert ids(groups["linear"]["params"]) == ids([net.fc.weight])
     assert id(net.head.weight) in ids(groups["other"]["params"])
 
@@ -95,5 +96,32 @@ def test_shared_parameters_appear_once_and_work_with_optimizer():
     all_ids = [id(p) for g in groups for p in g["params"]]
     assert len(all_ids) == len(set(all_ids))
     opt = DessiLBI(groups, lr=0.1)
-    assert opt.penalty_of(net.fc.weight) == "lasso"
+    assert opt.penalty_of(net.fc.weight) == "group"
     assert opt.penalty_of(net.bn.weight) == "none"
+
+
+def test_default_structure_removes_neurons_and_keeps_the_classifier():
+    net = Net()
+    groups = by_name(lbi_param_groups(net))
+    assert groups["linear"]["penalty"] == "group"
+    assert ids(groups["linear"]["params"]) == ids([net.fc.weight])
+    assert id(net.head.weight) in ids(groups["other"]["params"])
+
+
+class Shuffled(nn.Module):
+    """The classifier is registered first but called last: only the forward pass tells."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(6, 3)
+        self.hidden = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def test_classifier_found_from_the_forward_pass():
+    net = Shuffled()
+    groups = by_name(lbi_param_groups(net, example_inputs=torch.zeros(2, 4)))
+    assert ids(groups["linear"]["params"]) == ids([net.hidden.weight])
+    assert id(net.out.weight) in ids(groups["other"]["params"])

@@ -17,7 +17,8 @@ from dessilbi.sparsity import (
 def trained_lenet5(steps=30):
     torch.manual_seed(0)
     m = create_model("lenet5")
-    opt = DessiLBI(lbi_param_groups(m, linear_options={"lambda_": 0.03}), lr=0.1, nu=0.5,
+    opt = DessiLBI(lbi_param_groups(m, linear_options={"lambda_": 0.03}, linear_penalty="lasso",
+                                    keep_classifier=False), lr=0.1, nu=0.5,
                    lambda_=1.0)
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     for _ in range(steps):

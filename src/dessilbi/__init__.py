@@ -4,16 +4,27 @@ Public API::
 
     from dessilbi import DessiLBI, lbi_param_groups
     opt = DessiLBI(lbi_param_groups(model, weight_decay=1e-4), lr=0.1, kappa=1.0, nu=100.0)
+
+    # or aim it: keep 30 % of the filters / neurons, ν and λ derived from the budget
+    target = SparsityTarget(opt, density=0.3, total_steps=epochs * len(loader))
+    ...  loss.backward(); opt.step(); target.step()
 """
 
 from .optim import PENALTY_CHOICES, DessiLBI, dessilbi_update, resolve_penalty
 from .param_groups import lbi_param_groups
 from .prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
+from .target import SparsityTarget, support_fraction
+from .units import classifier_of, coupled_parameters, unit_density
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DessiLBI",
+    "SparsityTarget",
+    "classifier_of",
+    "coupled_parameters",
+    "support_fraction",
+    "unit_density",
     "PENALTY_CHOICES",
     "dessilbi_update",
     "group_norms",

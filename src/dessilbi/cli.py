@@ -39,7 +39,17 @@ _HELP = {
     "optimizer": "dessilbi or a baseline: sgd, sgd-momentum, sgd-momentum-wd, nesterov, adam, "
                  "adamw, adagrad, amsgrad, radam, adabound",
     "kappa": "κ: damping; every step is scaled by κ",
-    "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster)",
+    "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster); "
+          "derived from the budget when --target-density is given",
+    "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
+                      "and the number of steps)",
+    "select_at": "with --target-density: when the support reaches the target, as a fraction "
+                 "of the run (default 0.5)",
+    "freeze": "with --target-density: fix the mask at selection and train the subnetwork for "
+              "the rest of the run (--no-freeze: the pure path)",
+    "keep_classifier": "leave the layer that produces the outputs unpenalised",
+    "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
+                      "as in the paper's LeNet tables) or none",
     "lambda_": "λ: prox threshold",
     "lambda_conv": "λ for conv layers (default: --lambda)",
     "schedule": "none, multistep (with --milestones), cosine, step (with --step-size)",
@@ -114,10 +124,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not final:
         print("nothing to do: the run had already finished all its epochs")
         return 0
-    rows = [["model", "epochs", "Full acc", "Sparse acc", "density"],
+    def pct(key: str, digits: int = 2) -> str:
+        return f"{100 * final[key]:.{digits}f}%" if key in final else "—"
+
+    rows = [["model", "epochs", "Full acc", "Sparse acc", "density", "units kept", "MACs",
+             "params"],
             [cfg.model, str(final["epoch"]), f"{final['full_acc']:.2f}%",
-             f"{final['sparse_acc']:.2f}%" if "sparse_acc" in final else "—",
-             f"{100 * final['density']:.2f}%" if "density" in final else "—"]]
+             f"{final['sparse_acc']:.2f}%" if "sparse_acc" in final else "—", pct("density"),
+             pct("unit_density", 1), pct("macs_ratio", 1), pct("params_ratio", 1)]]
     _print_table(rows)
     if final.get("layers"):
         print()

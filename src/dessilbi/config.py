@@ -55,8 +55,12 @@ class TrainConfig:
     lambda_conv: float | None = None
     group_norm: str = "l2"
     conv_penalty: str = "group"
-    linear_penalty: str = "lasso"
+    linear_penalty: str = "group"  # one group per output neuron: removable neurons
+    keep_classifier: bool = True  # the layer producing the outputs gets no penalty
     exclude: list[str] = field(default_factory=list)
+    target_density: float | None = None  # fraction of filters / neurons kept (SparsityTarget)
+    select_at: float = 0.5  # when the target is reached, as a fraction of the run
+    freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     epochs: int = 20
     batch_size: int = 128
     schedule: str = "none"
@@ -102,6 +106,15 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
                 raise bad(f, "must be a number >= 0")
+        v = self.target_density
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                              or not 0 < v <= 1):
+            raise bad("target_density", "must be a fraction in (0, 1]")
+        if v is not None and self.optimizer != "dessilbi":
+            raise bad("optimizer", "a sparsity target steers DessiLBI; use --optimizer dessilbi")
+        if isinstance(self.select_at, bool) or not isinstance(self.select_at, int | float) \
+                or not 0 < self.select_at <= 1:
+            raise bad("select_at", "must be a fraction of the run in (0, 1]")
         if self.lambda_conv is not None and not self.lambda_conv >= 0:
             raise bad("lambda_conv", "must be >= 0")
         if not 0 <= self.momentum < 1:
@@ -144,7 +157,9 @@ class TrainConfig:
         if self.name:
             return self.name
         opt = self.optimizer
-        if opt == "dessilbi":
+        if opt == "dessilbi" and self.target_density is not None:
+            opt += f"_units{self.target_density:g}"
+        elif opt == "dessilbi":
             opt += f"_k{self.kappa:g}_nu{self.nu:g}_lam{self.lambda_:g}"
         return f"{self.dataset}_{self.model}_{opt}_lr{self.lr:g}_e{self.epochs}_s{self.seed}" \
                f"_{self.config_hash()}"

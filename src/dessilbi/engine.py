@@ -41,6 +41,7 @@ from .data import DataInfo, TensorImageDataset, load_dataset
 from .models import create_model
 from .optim import DessiLBI
 from .optimizers import create_optimizer
+from .prune import prune_model
 from .sparsity import (
     EntryTracker,
     Mask,
@@ -51,6 +52,8 @@ from .sparsity import (
     named_penalties,
     unwrap,
 )
+from .target import SparsityTarget
+from .units import coupled_parameters, unit_density
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,8 @@ class Built:
     info: DataInfo
     device: torch.device
     dataset_note: str
+    example: Tensor
+    target: SparsityTarget | None = None
 
 
 def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
@@ -204,8 +209,26 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = create_optimizer(cfg.optimizer_config(), model)
-    return Built(cfg, model, opt, _scheduler(cfg, opt), train_set, test_set, info, device, note)
+    example = _example(test_set, device)
+    opt = create_optimizer(cfg.optimizer_config(), model, example)
+    target = None
+    if cfg.target_density is not None and isinstance(opt, DessiLBI):
+        steps = cfg.epochs * _batches_per_epoch(cfg, len(train_set), d)  # type: ignore[arg-type]
+        target = SparsityTarget(opt, cfg.target_density, steps, select_at=cfg.select_at,
+                                freeze=cfg.freeze, coupled=coupled_parameters(model, example))
+    return Built(cfg, model, opt, _scheduler(cfg, opt), train_set, test_set, info, device, note,
+                 example, target)
+
+
+def _example(dataset: Dataset, device: torch.device) -> Tensor:
+    """One input, batched: enough to trace the model's graph."""
+    return dataset[0][0].unsqueeze(0).to(device)
+
+
+def _batches_per_epoch(cfg: TrainConfig, n_train: int, d: Dist) -> int:
+    per_rank = n_train // d.world if d.world > 1 else n_train
+    n = math.ceil(per_rank / max(cfg.batch_size // d.world, 1))
+    return min(n, cfg.max_train_batches) if cfg.max_train_batches else n
 
 
 def _fixed_mask(cfg: TrainConfig, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -289,6 +312,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         start_epoch, start_batch = int(ck["epoch"]), int(ck["batch"])
         accum = dict(ck.get("accum", accum))
         entry = EntryTracker(ck.get("entry"))
+        if b.target is not None and ck.get("target"):
+            b.target.load_state_dict(ck["target"])
         if (run_dir / "path.pt").exists():
             path_rec = PathRecorder(load_checkpoint(run_dir / "path.pt"))
             keep = [i for i, e in enumerate(path_rec.epochs) if e <= start_epoch]
@@ -321,6 +346,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": rng_state(), "accum": accum, "entry": entry.state_dict(),
+            "target": b.target.state_dict() if b.target is not None else None,
         }, ckpt_path)
 
     from tqdm.auto import tqdm
@@ -367,6 +393,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                                 p.grad.mul_(m)
                     scaler.step(opt)
                     scaler.update()
+                    if b.target is not None:
+                        b.target.step()
                     if fixed:
                         with torch.no_grad():
                             for p, m in fixed:  # ...and stay exactly zero (weight decay aside)
@@ -455,14 +483,24 @@ def _epoch_metrics(epoch: int, model: nn.Module, lbi: DessiLBI | None, b: Built,
                                        workers=cfg.workers)
         report = layer_report(masks, penalties)
         m["density"] = report.pop("(all)")["density"]
+        m["unit_density"] = unit_density(masks, penalties)
+        m.update(_pruned_cost(model, Mask(masks, penalties), b.example))
         m["layers"] = report
         entry.update(epoch, masks, penalties)
     return m
 
 
+def _pruned_cost(model: nn.Module, mask: Mask, example: Tensor) -> dict[str, float]:
+    """MACs and parameters of the network with the support's units removed, over the dense."""
+    pruned = prune_model(model, mask, example)
+    return {"macs_ratio": pruned.macs_after / max(pruned.macs_before, 1),
+            "params_ratio": pruned.params_after / max(pruned.params_before, 1)}
+
+
 def _tensorboard(writer: Any, m: dict[str, Any]) -> None:
     e = m["epoch"]
-    for k in ("train_loss", "train_acc", "lr", "full_acc", "sparse_acc", "density", "epoch_time"):
+    for k in ("train_loss", "train_acc", "lr", "full_acc", "sparse_acc", "density",
+              "unit_density", "macs_ratio", "params_ratio", "epoch_time"):
         if k in m:
             writer.add_scalar(k, m[k], e)
     for name, row in m.get("layers", {}).items():
@@ -473,7 +511,8 @@ def _tensorboard(writer: Any, m: dict[str, Any]) -> None:
 def _metrics_line(m: dict[str, Any]) -> str:
     s = (f"epoch {m['epoch']}: loss {m['train_loss']:.4f}, full {m['full_acc']:.2f}%")
     if "sparse_acc" in m:
-        s += f", sparse {m['sparse_acc']:.2f}%, density {100 * m['density']:.2f}%"
+        s += (f", sparse {m['sparse_acc']:.2f}%, density {100 * m['density']:.2f}%, units "
+              f"{100 * m['unit_density']:.1f}%, MACs {100 * m['macs_ratio']:.1f}%")
     return s + f", {m['epoch_time']:.1f}s"
 
 

@@ -173,6 +173,12 @@ class DessiLBI(Optimizer):
                 raise ValueError("invalid params: DessiLBI does not support sparse parameters")
         super().add_param_group({**param_group, "params": params})
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts state tensors to the parameter dtype
+            if "mask" in state:
+                state["mask"] = state["mask"].bool()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -189,8 +195,11 @@ class DessiLBI(Optimizer):
                 loss = closure()
 
         fused: list[tuple[_Bundle, dict[str, Any]]] = []
+        masked: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
-            by_penalty: dict[str, _Bundle] = defaultdict(_Bundle)
+            # A tensor with its own threshold (state["lambda_"], set by SparsityTarget) forms a
+            # bundle of its own, so the kernels keep one λ per call.
+            bundles: dict[tuple[str, float], _Bundle] = defaultdict(_Bundle)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -203,18 +212,21 @@ class DessiLBI(Optimizer):
                 pen = resolve_penalty(group["penalty"], p)
                 if pen != "none" and "V" not in state:
                     state["V"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                by_penalty[pen].add(p, state)
-            for pen, bundle in by_penalty.items():
-                hp = {k: group[k] for k in ("lr", "kappa", "nu", "lambda_", "group_norm",
-                                            "momentum", "dampening", "nesterov",
-                                            "weight_decay")}
+                mask = state.get("mask")
+                if mask is not None:
+                    masked.append((p, mask))
+                bundles[(pen, state.get("lambda_", group["lambda_"]))].add(p, state, mask)
+            for (pen, lam), bundle in bundles.items():
+                hp = {k: group[k] for k in ("lr", "kappa", "nu", "group_norm", "momentum",
+                                            "dampening", "nesterov", "weight_decay")}
+                hp["lambda_"] = lam
                 if group["fused"]:  # all fused bundles go to one compiled call below
-                    fused.append((bundle, dict(params=bundle.params, grads=[
-                        p.grad for p in bundle.params], bufs=bundle.bufs, vs=bundle.vs,
-                        penalty=pen, **hp)))
+                    fused.append((bundle, dict(params=bundle.params, grads=bundle.grads,
+                                               bufs=bundle.bufs, vs=bundle.vs, penalty=pen,
+                                               **hp)))
                     continue
-                dessilbi_update(bundle.params, [p.grad for p in bundle.params], bundle.bufs,
-                                bundle.vs, penalty=pen, foreach=group["foreach"], **hp)
+                dessilbi_update(bundle.params, bundle.grads, bundle.bufs, bundle.vs,
+                                penalty=pen, foreach=group["foreach"], **hp)
                 bundle.store_buffers(group["momentum"])
         if fused:
             from ._fused import fused_step
@@ -222,7 +234,32 @@ class DessiLBI(Optimizer):
             fused_step([kw for _, kw in fused], self._compiled_cache())
             for (bundle, kw) in fused:
                 bundle.store_buffers(kw["momentum"])
+        for p, mask in masked:  # entries outside a fixed mask stay exactly zero
+            p.mul_(mask)
         return loss
+
+    def set_mask(self, param: Tensor, mask: Tensor | None) -> None:
+        """Fix ``param``'s entries outside ``mask`` at zero from now on (``None`` lifts it).
+
+        ``mask`` is a bool tensor broadcastable to ``param`` (e.g. ``(C_out, 1, 1, 1)`` for whole
+        filters). The gradient is masked before the update and the weights after it; the mask is
+        part of the optimizer state (``state_dict`` carries it).
+        """
+        self._group_of(param)  # raises for a tensor the optimizer does not manage
+        if mask is None:
+            self.state[param].pop("mask", None)
+            return
+        if mask.dtype != torch.bool:
+            raise ValueError(f"invalid mask: expected a bool tensor, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, param.shape)
+        except RuntimeError as e:
+            raise ValueError(f"invalid mask of shape {tuple(mask.shape)} for a parameter of "
+                             f"shape {tuple(param.shape)}") from e
+        mask = mask.to(param.device)
+        self.state[param]["mask"] = mask
+        with torch.no_grad():
+            param.mul_(mask)
 
     def _compiled_cache(self) -> dict[str, Any]:
         # Held by the instance (not the module) so compiled kernels die with the optimizer.
@@ -267,7 +304,8 @@ class DessiLBI(Optimizer):
         v = self.state[param].get("V")
         if v is None:
             return torch.zeros_like(param)
-        return prox(v, pen, group["lambda_"], group["group_norm"]).mul_(group["kappa"])
+        lam = self.state[param].get("lambda_", group["lambda_"])
+        return prox(v, pen, lam, group["group_norm"]).mul_(group["kappa"])
 
     def support(self, param: Tensor) -> Tensor:
         """Boolean mask of supp(Γ) = {Γ ≠ 0}, shape of ``param`` (whole filters for ``group``)."""
@@ -298,9 +336,12 @@ class _Bundle:
         self.states: list[dict[str, Any]] = []
         self.bufs: list[Tensor | None] = []
         self.vs: list[Tensor | None] = []
+        self.grads: list[Tensor] = []
 
-    def add(self, p: Tensor, state: dict[str, Any]) -> None:
+    def add(self, p: Tensor, state: dict[str, Any], mask: Tensor | None = None) -> None:
+        assert p.grad is not None
         self.params.append(p)
+        self.grads.append(p.grad if mask is None else p.grad * mask)
         self.states.append(state)
         self.bufs.append(state.get("momentum_buffer"))
         self.vs.append(state.get("V"))
@@ -400,7 +441,7 @@ def _single_tensor(
             d = g.add(b, alpha=momentum) if nesterov else b
         else:
             d = g
-        if penalty != "none":
+        if penalty != "none" and nu != math.inf:
             v = vs[i]
             assert v is not None
             # diff = W − Γ with the values before this step; it drives both V and W.
@@ -431,7 +472,7 @@ def _multi_tensor(
         d = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
     else:
         d = grads
-    if penalty != "none":
+    if penalty != "none" and nu != math.inf:
         gam = [prox(v, penalty, lambda_, group_norm) for v in vs]
         diff = torch._foreach_sub(params, gam, alpha=kappa)
         torch._foreach_add_(vs, diff, alpha=lr / nu)

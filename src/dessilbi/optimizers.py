@@ -44,7 +44,8 @@ class OptimizerConfig:
     lambda_conv: float | None = None
     group_norm: str = "l2"
     conv_penalty: str = "group"
-    linear_penalty: str = "lasso"
+    linear_penalty: str = "group"
+    keep_classifier: bool = True
     exclude: list[str] = field(default_factory=list)
     fused: bool = False
     final_lr: float = 0.1  # AdaBound
@@ -118,8 +119,12 @@ class AdaBound(Optimizer):
         return sd
 
 
-def create_optimizer(cfg: OptimizerConfig, model: nn.Module) -> Optimizer:
-    """Build the optimizer ``cfg.name`` for ``model``'s parameters."""
+def create_optimizer(cfg: OptimizerConfig, model: nn.Module,
+                     example_inputs: Any = None) -> Optimizer:
+    """Build the optimizer ``cfg.name`` for ``model``'s parameters.
+
+    ``example_inputs`` (an input batch) lets DessiLBI find the classifier from a forward pass.
+    """
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if cfg.name == "dessilbi":
@@ -129,6 +134,7 @@ def create_optimizer(cfg: OptimizerConfig, model: nn.Module) -> Optimizer:
         groups = lbi_param_groups(
             model, conv_penalty=cfg.conv_penalty, linear_penalty=cfg.linear_penalty,
             weight_decay=cfg.weight_decay, exclude=cfg.exclude, conv_options=conv_options,
+            keep_classifier=cfg.keep_classifier, example_inputs=example_inputs,
         )
         return DessiLBI(groups, lr=cfg.lr, kappa=cfg.kappa, nu=cfg.nu, lambda_=cfg.lambda_,
                         momentum=cfg.momentum, nesterov=cfg.nesterov, fused=cfg.fused)

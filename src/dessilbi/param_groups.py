@@ -1,10 +1,12 @@
 """Parameter groups for :class:`~dessilbi.DessiLBI`, decided from module types.
 
-Convolution weights get the structural ``"group"`` penalty (one group per output filter),
-linear weights the element-wise ``"lasso"``, and biases, normalisation layers and everything else
-``"none"`` (plain SGD-momentum). Weight decay, when asked for, is applied to conv / linear weights
-and other parameters but not to biases and normalisation parameters. Nothing is decided from
-parameter names.
+Convolution weights get the structural ``"group"`` penalty (one group per output filter), linear
+weights one group per output neuron, so that every unit of the support can be removed from the
+network; the classifier (the layer producing the outputs) is left whole, and biases,
+normalisation layers and everything else get ``"none"`` (plain SGD-momentum). The paper's
+element-wise lasso on linear weights is ``linear_penalty="lasso"``. Weight decay, when asked
+for, is applied to conv / linear weights and other parameters but not to biases and
+normalisation parameters. Nothing is decided from parameter names.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def lbi_param_groups(
     model: nn.Module,
     *,
     conv_penalty: str = "group",
-    linear_penalty: str = "lasso",
+    linear_penalty: str = "group",
     weight_decay: float = 0.0,
     exclude: Iterable[nn.Module | str | type[nn.Module]] = (),
+    keep_classifier: bool = True,
+    example_inputs: Any = None,
     conv_options: dict[str, Any] | None = None,
     linear_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
@@ -43,13 +47,17 @@ def lbi_param_groups(
     Args:
         model: the network. Lazy modules must be materialised (run one forward first).
         conv_penalty: penalty of convolution weights (``"group"``, ``"lasso"`` or ``"none"``).
-        linear_penalty: penalty of linear weights (``"lasso"``, ``"group"`` for one group per
-            output neuron, or ``"none"``).
+        linear_penalty: penalty of linear weights (``"group"``: one group per output neuron,
+            ``"lasso"``: element-wise as in the paper's LeNet tables, or ``"none"``).
         weight_decay: weight decay of conv / linear weights and of other non-norm parameters;
             biases and normalisation parameters always get 0.
         exclude: modules (objects, qualified names as in ``named_modules()``, or types) whose
             weights get no penalty, e.g. the classifier: ``exclude=["fc"]``. Excluding a module
             excludes its children.
+        keep_classifier: give the classifier no penalty (its outputs are the classes). It is
+            found by :func:`dessilbi.units.classifier_of`: from a forward pass on
+            ``example_inputs`` when given, else the last ``nn.Linear`` of the model.
+        example_inputs: an input batch (or tuple of inputs) for finding the classifier.
         conv_options / linear_options: extra per-group hyper-parameters, e.g.
             ``{"lambda_": 0.1, "group_norm": "rms"}`` for the CIFAR settings of the paper.
 
@@ -64,6 +72,13 @@ def lbi_param_groups(
     if not weight_decay >= 0.0:
         raise ValueError(f"invalid weight_decay={weight_decay!r}: must be >= 0")
 
+    exclude = list(exclude)
+    if keep_classifier:
+        from .units import classifier_of
+
+        head = classifier_of(model, example_inputs)
+        if head is not None:
+            exclude.append(head)
     excluded = _excluded_modules(model, exclude)
     buckets: dict[str, list[nn.Parameter]] = {"conv": [], "linear": [], "no_decay": [], "other": []}
     seen: set[int] = set()

@@ -109,6 +109,10 @@ def find_tables(root: str | Path) -> dict[str, Path]:
     return out
 
 
+# The paper's structure: element-wise lasso on every linear layer, the classifier included.
+PAPER_STRUCTURE: dict[str, Any] = {"linear_penalty": "lasso", "keep_classifier": False}
+
+
 def expand_runs(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
                 overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
     """Every training configuration of the table at ``budget`` (grid expanded)."""
@@ -117,7 +121,7 @@ def expand_runs(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
     keys = list(grid)
     cfgs = []
     for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-        d = dict(b["base"])
+        d = {**PAPER_STRUCTURE, **b["base"]}
         for k, v in zip(keys, combo):
             if isinstance(v, dict):  # a bundle of settings, e.g. an optimizer with its own lr
                 d.update({kk: vv for kk, vv in v.items() if kk != "label"})

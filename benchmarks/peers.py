@@ -1,0 +1,307 @@
+"""Head-to-head: DessiLBI aimed at a unit density vs OTO HESSO and Torch-Pruning.
+
+Every method starts from the same initial weights, sees the same batches in the same order and
+follows the same lr schedule (SGD-momentum 0.9, lr ×0.1 at 50 % and 80 % of the epochs); the
+score is the test accuracy of the physically pruned network with no fine-tuning after the run,
+at the fraction of filters / neurons kept (the classifier is never pruned), with its MACs and
+parameters relative to the dense network and the time per epoch relative to SGD-momentum.
+
+Methods: ``dense`` (SGD-momentum), ``dessilbi`` (SparsityTarget, select then train),
+``dessilbi-path`` (the pure path, no freezing), ``oto`` (HESSO, ``target_group_sparsity``),
+``tp-reg`` (Torch-Pruning GroupNorm-regularised sparse training, pruned at the end),
+``tp-mag`` / ``tp-mag-ft`` (magnitude pruning of the dense network, no fine-tune / +2 epochs).
+
+    pip install -e ".[peers]"
+    python benchmarks/peers.py --model lenet5 --dataset fashion-mnist --seeds 0 1 \\
+        --targets 0.3 0.5 0.7 --out docs/peers/lenet5_fashion-mnist.jsonl
+
+only-train-once 3.0.1 imports ``torch.onnx._globals`` (moved in recent torch) and calls
+``.cuda()``; both are shimmed here, around its code, on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi.data import load_dataset
+from dessilbi.engine import epoch_indices
+from dessilbi.models import create_model
+from dessilbi.prune import count_cost, prune_model
+from dessilbi.sparsity import Mask
+from dessilbi.target import SparsityTarget
+from dessilbi.units import classifier_of, coupled_parameters
+
+log = logging.getLogger("peers")
+METHODS = ("dense", "dessilbi", "dessilbi-path", "oto", "tp-reg", "tp-mag", "tp-mag-ft")
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str
+    dataset: str
+    data_dir: str
+    seed: int
+    epochs: int
+    lr: float
+    batch_size: int
+    max_batches: int  # 0 = whole epochs
+
+
+@dataclass
+class Data:
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def load_data(setup: Setup) -> Data:
+    train, test, _ = load_dataset(setup.dataset, setup.data_dir)
+
+    def tensors(ds: Any) -> tuple[Tensor, Tensor]:
+        x = ds.images.float().div_(255.0)
+        return (x - ds.mean) / ds.std, ds.labels
+
+    return Data(*tensors(train), *tensors(test))
+
+
+def batches(setup: Setup, data: Data, epoch: int) -> list[tuple[Tensor, Tensor]]:
+    idx = epoch_indices(len(data.y_train), setup.seed, epoch)
+    out = [(data.x_train[i], data.y_train[i]) for i in idx.split(setup.batch_size)]
+    return out[: setup.max_batches] if setup.max_batches else out
+
+
+def steps_per_epoch(setup: Setup, data: Data) -> int:
+    n = math.ceil(len(data.y_train) / setup.batch_size)
+    return min(n, setup.max_batches) if setup.max_batches else n
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data) -> float:
+    model.eval()
+    correct = sum(int((model(x).argmax(1) == y).sum())
+                  for x, y in zip(data.x_test.split(1000), data.y_test.split(1000)))
+    return 100.0 * correct / len(data.y_test)
+
+
+def units(model: nn.Module, classifier_name: str) -> int:
+    """Output filters / neurons of every conv / linear layer but the classifier."""
+    return sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+               for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d | nn.Linear) and n != classifier_name)
+
+
+def train(setup: Setup, data: Data, model: nn.Module, opt: torch.optim.Optimizer,
+          after_backward: Callable[[], None] = lambda: None,
+          after_step: Callable[[], None] = lambda: None, epochs: int | None = None,
+          first_epoch: int = 0) -> float:
+    """Train with the shared schedule; returns the median epoch time."""
+    epochs = setup.epochs if epochs is None else epochs
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, [max(1, round(0.5 * epochs)), max(1, round(0.8 * epochs))], 0.1)
+    times = []
+    for epoch in range(first_epoch, first_epoch + epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for x, y in batches(setup, data, epoch):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            after_backward()
+            opt.step()
+            after_step()
+        times.append(time.perf_counter() - t0)
+        sched.step()
+    return sorted(times)[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------- methods
+def fresh(setup: Setup, init: dict[str, Tensor]) -> nn.Module:
+    model = create_model(setup.model, 10, 1, 28)
+    model.load_state_dict(init)
+    return model
+
+
+def sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def run_dense(setup: Setup, data: Data, init: dict[str, Tensor],
+              **_: Any) -> tuple[nn.Module, float]:
+    model = fresh(setup, init)
+    return model, train(setup, data, model, sgd(model, setup.lr))
+
+
+def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
+                 freeze: bool = True, **_: Any) -> tuple[nn.Module, float]:
+    model = fresh(setup, init)
+    example = data.x_test[:2]
+    head = classifier_of(model, example)
+    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]),
+                   lr=setup.lr, momentum=0.9)
+    ctl = SparsityTarget(opt, target, setup.epochs * steps_per_epoch(setup, data),
+                         freeze=freeze, coupled=coupled_parameters(model, example))
+    seconds = train(setup, data, model, opt, after_step=ctl.step)
+    pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
+    return pruned, seconds
+
+
+def run_oto(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
+            **_: Any) -> tuple[nn.Module, float]:
+    with oto_shims():
+        from only_train_once import OTO
+
+        model = fresh(setup, init)
+        oto = OTO(model=model, dummy_input=data.x_test[:1])
+        total = setup.epochs * steps_per_epoch(setup, data)
+        opt = oto.hesso(variant="sgd", lr=setup.lr, first_momentum=0.9,
+                        target_group_sparsity=1.0 - target, start_pruning_step=total // 10,
+                        pruning_periods=10, pruning_steps=total * 4 // 10)
+        seconds = train(setup, data, model, opt)
+        with tempfile.TemporaryDirectory() as tmp:
+            oto.construct_subnet(out_dir=tmp)
+            # the subnet OTO wrote a moment ago, in this process: a whole pickled module
+            pruned = torch.load(oto.compressed_model_path, weights_only=False)
+    return pruned, seconds
+
+
+def _tp_pruner(kind: str, model: nn.Module, example: Tensor, target: float) -> Any:
+    import torch_pruning as tp
+
+    head = classifier_of(model, example)
+    # per-layer ratios (Torch-Pruning's default): global magnitude ranking across layers of
+    # different scales emptied LeNet-5's first convolution (38 % / 30 % at 30 % of units kept)
+    common = dict(pruning_ratio=1.0 - target, ignored_layers=[head])
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    if kind == "reg":
+        return tp.pruner.GroupNormPruner(model, example, importance, reg=1e-4, **common)
+    return tp.pruner.MagnitudePruner(model, example, importance, **common)
+
+
+def run_tp_reg(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
+               **_: Any) -> tuple[nn.Module, float]:
+    model = fresh(setup, init)
+    pruner = _tp_pruner("reg", model, data.x_test[:2], target)
+    seconds = train(setup, data, model, sgd(model, setup.lr),
+                    after_backward=lambda: pruner.regularize(model))
+    pruner.step()
+    return model, seconds
+
+
+def run_tp_mag(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
+               dense: nn.Module, finetune: int = 0, **_: Any) -> tuple[nn.Module, float]:
+    model = copy.deepcopy(dense)
+    _tp_pruner("mag", model, data.x_test[:2], target).step()
+    seconds = 0.0
+    if finetune:
+        seconds = train(setup, data, model, sgd(model, setup.lr * 0.01), epochs=finetune,
+                        first_epoch=setup.epochs)
+    return model, seconds
+
+
+@contextmanager
+def oto_shims() -> Any:
+    """only-train-once 3.0.1 on torch ≥ 2.9 and without CUDA: moved TorchScript-exporter
+    internals put back where it looks for them, and ``.cuda()`` a no-op."""
+    from torch.onnx._internal.torchscript_exporter import _globals, utils
+
+    sys.modules.setdefault("torch.onnx._globals", _globals)
+    if not hasattr(torch.onnx, "_optimize_graph"):
+        torch.onnx._optimize_graph = utils._optimize_graph  # type: ignore[attr-defined]
+    real_cuda = torch.Tensor.cuda
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real_cuda  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------- driver
+def measure(setup: Setup, data: Data, method: str, target: float, init: dict[str, Tensor],
+            dense: nn.Module, dense_cost: tuple[int, int], dense_units: int,
+            dense_seconds: float) -> dict[str, Any]:
+    runner = {"dense": run_dense, "dessilbi": run_dessilbi, "oto": run_oto,
+              "tp-reg": run_tp_reg, "tp-mag": run_tp_mag}[method.removesuffix("-path")
+                                                            .removesuffix("-ft")]
+    kwargs: dict[str, Any] = {"target": target, "dense": dense}
+    if method == "dessilbi-path":
+        kwargs["freeze"] = False
+    if method == "tp-mag-ft":
+        kwargs["finetune"] = 2
+    model, seconds = runner(setup, data, init, **kwargs)
+    example = data.x_test[:1]
+    macs, params = count_cost(model, example)
+    head = classifier_of(model, example)
+    name = {id(m): n for n, m in model.named_modules()}.get(id(head), "")
+    return {**asdict(setup), "method": method, "target": target,
+            "accuracy": accuracy(model, data),
+            "units": units(model, name) / dense_units,
+            "macs": macs / dense_cost[0], "params": params / dense_cost[1],
+            "epoch_time_ratio": seconds / dense_seconds if seconds else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--max-batches", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("torch_pruning").setLevel(logging.WARNING)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
+                      args.batch_size, args.max_batches)
+        data = load_data(setup)
+        torch.manual_seed(seed)
+        init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())
+        dense, dense_seconds = run_dense(setup, data, init)
+        example = data.x_test[:1]
+        cost = count_cost(dense, example)
+        head = classifier_of(dense, example)
+        dense_units = units(dense, {id(m): n for n, m in dense.named_modules()}[id(head)])
+        write(args.out, {**asdict(setup), "method": "dense", "target": 1.0,
+                         "accuracy": accuracy(dense, data), "units": 1.0, "macs": 1.0,
+                         "params": 1.0, "epoch_time_ratio": 1.0})
+        for target in args.targets:
+            for method in args.methods:
+                if method != "dense":
+                    write(args.out, measure(setup, data, method, target, init, dense, cost,
+                                            dense_units, dense_seconds))
+
+
+def write(path: Path, row: dict[str, Any]) -> None:
+    """Append one result line at once, so an interrupted benchmark keeps what it measured."""
+    log.info("%s", {k: row[k] for k in ("method", "target", "accuracy", "units", "macs",
+                                        "epoch_time_ratio")})
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+r"""Aim DessiLBI at a sparsity: one knob, the fraction of filters / neurons kept.
+
+:class:`SparsityTarget` is stepped like a learning-rate scheduler (``target.step()`` after
+``optimizer.step()``) and steers a :class:`~dessilbi.DessiLBI` optimizer so that, after
+``select_at · total_steps`` steps, exactly the fraction ``density`` of the penalised *units*
+(output filters of ``group`` layers, weights of ``lasso`` layers) is in supp(Γ):
+
+1. **Path speed from the budget.** ν is set to ``α κ T_s / c`` (T_s the selection step,
+   ``c = path_speed``), so the coupling ``(W − Γ)/ν`` has acted for ``c`` time constants by T_s
+   whatever the number of steps.
+2. **Threshold from the target.** Every ``update_every`` steps the threshold λ of each penalised
+   tensor is set so that the support holds the fraction :func:`support_fraction` of the units,
+   ranked by the inverse-scale-space variable V (the order in which units enter Γ's support):
+   a unit's score is its group norm ‖V_g‖ divided by the mean unit norm of its layer's initial
+   weights, so one score means the same for layers of any size and scale. ``allocation="global"``
+   ranks the units of all layers together (each layer keeps at least ``min_units``);
+   ``"layer"`` keeps the same fraction in every layer.
+3. **Select, then train the subnetwork.** At T_s (``freeze=True``) the support becomes a fixed
+   mask: the coupling is released (ν = ∞, so V and Γ stop moving), the weights outside the mask
+   (and the biases / norm parameters of dropped units given in ``coupled``) are set to zero and
+   stay there, and the remaining budget trains the chosen subnetwork. With ``freeze=False`` the
+   pure path runs on, λ holding the support at the target until the end.
+
+The controller's own state (step, layer scales) is in :meth:`state_dict`; the thresholds, masks
+and ν live in the optimizer's state and parameter groups, so ``optimizer.state_dict()`` carries
+them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .optim import DessiLBI
+from .prox import group_norms
+
+__all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS"]
+
+SCHEDULES: tuple[str, ...] = ("grow", "shrink")
+ALLOCATIONS: tuple[str, ...] = ("global", "layer")
+
+
+def support_fraction(step: int, select_step: int, density: float, schedule: str = "grow") -> float:
+    r"""Fraction of units the support should hold after ``step`` steps.
+
+    ``"grow"`` (the inverse scale space: the support starts empty and fills up)::
+
+        s(t) = D · min(1, t / T_s)
+
+    ``"shrink"`` (start from every unit, cubic decay as in gradual pruning)::
+
+        s(t) = D + (1 − D) · (1 − min(1, t / T_s))³
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
+    progress = min(1.0, step / max(select_step, 1))
+    if schedule == "grow":
+        return density * progress
+    return density + (1.0 - density) * (1.0 - progress) ** 3
+
+
+def unit_norms(v: Tensor, penalty: str, group_norm: str = "l2") -> Tensor:
+    """The norm the proximal map thresholds, one value per unit (filter / neuron / weight)."""
+    if penalty == "group":
+        return group_norms(v, 0, group_norm)  # type: ignore[arg-type]
+    return v.abs().reshape(-1)
+
+
+def _threshold_keeping(norms: Tensor, k: int) -> float:
+    """The smallest λ with exactly ``k`` norms > λ (ties aside): the (k+1)-th largest norm."""
+    n = norms.numel()
+    if k >= n:
+        return 0.0
+    return float(torch.topk(norms.reshape(-1), k + 1).values[-1])
+
+
+class SparsityTarget:
+    """Steer a :class:`~dessilbi.DessiLBI` run to a target fraction of units kept.
+
+    Args:
+        optimizer: the DessiLBI optimizer (its penalised parameters are steered).
+        density: fraction of units (filters / neurons for ``group``, weights for ``lasso``) of
+            the penalised layers to keep, in (0, 1].
+        total_steps: the optimizer steps of the whole run (epochs × batches per epoch).
+        select_at: when the support reaches the target and (``freeze=True``) becomes fixed,
+            as a fraction of ``total_steps`` (default 0.5).
+        freeze: fix the mask at selection and train the subnetwork for the rest of the run;
+            ``False`` keeps the pure DessiLBI path (λ holds the support at the target).
+        schedule: ``"grow"`` (default) or ``"shrink"``, see :func:`support_fraction`.
+        allocation: ``"global"`` ranks units of all layers together; ``"layer"`` keeps
+            ``density`` of every layer.
+        min_units: with global allocation, no layer keeps fewer units than this.
+        nu: ``"auto"`` derives ν from the budget (``α κ T_s / path_speed``); a number sets it;
+            ``None`` keeps the optimizer's ν.
+        path_speed: time constants of the coupling that elapse by the selection step.
+        update_every: steps between threshold updates (default: T_s / 200, at least 1).
+        coupled: ``{weight: [tensors indexed by the same output units]}`` (the layer's bias, the
+            following normalisation layer's weight and bias) zeroed with their dropped units;
+            see :func:`dessilbi.structure.coupled_parameters`.
+    """
+
+    def __init__(
+        self,
+        optimizer: DessiLBI,
+        density: float,
+        total_steps: int,
+        *,
+        select_at: float = 0.5,
+        freeze: bool = True,
+        schedule: str = "grow",
+        allocation: str = "global",
+        min_units: int = 1,
+        nu: float | str | None = "auto",
+        path_speed: float = 10.0,
+        update_every: int | None = None,
+        coupled: Mapping[Tensor, Sequence[Tensor]] | None = None,
+    ) -> None:
+        opt = _unwrap_optimizer(optimizer)
+        checks = [
+            ("density", density, 0.0 < density <= 1.0, "must be in (0, 1]"),
+            ("total_steps", total_steps, isinstance(total_steps, int) and total_steps > 0,
+             "must be a positive integer"),
+            ("select_at", select_at, 0.0 < select_at <= 1.0, "must be in (0, 1]"),
+            ("path_speed", path_speed, path_speed > 0.0, "must be > 0"),
+            ("min_units", min_units, isinstance(min_units, int) and min_units >= 0,
+             "must be an integer >= 0"),
+        ]
+        for field, value, ok, why in checks:
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"invalid {field}={value!r}: {why}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"invalid allocation={allocation!r}: choose one of {ALLOCATIONS}")
+        self.optimizer = opt
+        self.params = opt.penalised_params()
+        if not self.params:
+            raise ValueError("invalid optimizer: it has no penalised (lasso / group) parameter")
+        self.density, self.total_steps, self.freeze = density, total_steps, freeze
+        self.select_step = max(1, round(select_at * total_steps))
+        self.schedule, self.allocation, self.min_units = schedule, allocation, min_units
+        self.update_every = update_every or max(1, self.select_step // 200)
+        self.coupled = {id(p): list(v) for p, v in (coupled or {}).items()}
+        self.step_count = 0
+        self.frozen = False
+        # Layer scale: mean unit norm of the initial weights (scores comparable across layers).
+        self.scales = [float(unit_norms(p.detach(), opt.penalty_of(p)).float().mean())
+                       or 1.0 for p in self.params]
+        if nu == "auto":
+            nu = self.auto_nu(path_speed)
+        if nu is not None:
+            for group in self._penalised_groups():
+                group["nu"] = float(nu)
+        self._set_thresholds(0.0)
+
+    # ----------------------------------------------------------------- derived settings
+    def auto_nu(self, path_speed: float) -> float:
+        """ν = α κ T_s / c: the coupling's time constant ν / (α κ) is T_s / c steps."""
+        group = self._penalised_groups()[0]
+        return float(group["lr"]) * group["kappa"] * self.select_step / path_speed
+
+    def _penalised_groups(self) -> list[dict[str, Any]]:
+        ids = {id(p) for p in self.params}
+        return [g for g in self.optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+
+    # ----------------------------------------------------------------- the controller
+    def target_now(self) -> float:
+        """The fraction of units the support should hold at the current step."""
+        return support_fraction(self.step_count, self.select_step, self.density, self.schedule)
+
+    def step(self) -> None:
+        """Advance one optimizer step: update λ on schedule, fix the mask at selection."""
+        if self.frozen:
+            return
+        self.step_count += 1
+        selecting = self.step_count >= self.select_step
+        if selecting or self.step_count % self.update_every == 0:
+            self._set_thresholds(self.target_now())
+        if selecting and self.freeze:
+            self._fix_mask()
+
+    @torch.no_grad()
+    def _set_thresholds(self, fraction: float) -> None:
+        opt = self.optimizer
+        norms = []
+        for p in self.params:
+            group = opt._group_of(p)
+            v = opt.state[p].get("V")
+            base = v if v is not None else torch.zeros_like(p)
+            norms.append(unit_norms(base, opt.penalty_of(p), group["group_norm"]).float())
+        keep = self._units_to_keep(norms, fraction)
+        for p, n, k in zip(self.params, norms, keep):
+            opt.state[p]["lambda_"] = _threshold_keeping(n, k)
+
+    def _units_to_keep(self, norms: list[Tensor], fraction: float) -> list[int]:
+        sizes = [n.numel() for n in norms]
+        if self.allocation == "layer":
+            return [round(fraction * s) for s in sizes]
+        scores = torch.cat([n / s for n, s in zip(norms, self.scales)])
+        k = round(fraction * scores.numel())
+        cut = _threshold_keeping(scores, k)
+        keep = [int((n / s > cut).sum()) for n, s in zip(norms, self.scales)]
+        if k == 0:
+            return keep
+        return [max(kp, min(self.min_units, s)) for kp, s in zip(keep, sizes)]
+
+    @torch.no_grad()
+    def _fix_mask(self) -> None:
+        opt = self.optimizer
+        for p in self.params:
+            units = opt.support(p).reshape(p.shape[0], -1).any(1) \
+                if opt.penalty_of(p) == "group" and p.ndim >= 2 else opt.support(p)
+            shape = units.shape + (1,) * (p.ndim - units.ndim)
+            opt.set_mask(p, units.reshape(shape))
+            for q in self.coupled.get(id(p), []):
+                if q.ndim >= 1 and q.shape[0] == units.numel():
+                    opt.set_mask(q, units.reshape((-1,) + (1,) * (q.ndim - 1)))
+        for group in self._penalised_groups():
+            group["nu"] = math.inf  # V and Γ stop: the support is the mask from now on
+        self.frozen = True
+
+    # ----------------------------------------------------------------- checkpointing
+    def unit_density(self) -> float:
+        """Fraction of the penalised units now in supp(Γ)."""
+        kept = total = 0
+        for p in self.params:
+            n = unit_norms(self.optimizer.gamma(p), self.optimizer.penalty_of(p))
+            kept, total = kept + int((n != 0).sum()), total + n.numel()
+        return kept / total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "frozen": self.frozen, "scales": list(self.scales)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.frozen = bool(state["frozen"])
+        self.scales = [float(s) for s in state["scales"]]
+
+
+def _unwrap_optimizer(optimizer: Any) -> DessiLBI:
+    """The DessiLBI inside wrappers that keep it as ``.optimizer`` (accelerate, Lightning)."""
+    inner = optimizer
+    for _ in range(4):
+        if isinstance(inner, DessiLBI):
+            return inner
+        inner = getattr(inner, "optimizer", None)
+    raise TypeError(f"SparsityTarget steers a DessiLBI optimizer, got {type(optimizer).__name__}")

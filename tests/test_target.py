@@ -1,0 +1,170 @@
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from dessilbi import (
+    DessiLBI,
+    SparsityTarget,
+    coupled_parameters,
+    lbi_param_groups,
+    support_fraction,
+)
+from dessilbi.models import create_model
+from dessilbi.target import unit_norms
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+
+
+def data(n=6, shape=(1, 8, 8), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, *shape, generator=g), torch.randint(0, 10, (16,), generator=g))
+            for _ in range(n)]
+
+
+def setup(model, density, total, example, **kw):
+    opt = DessiLBI(lbi_param_groups(model, example_inputs=example), lr=0.05)
+    target = SparsityTarget(opt, density, total, coupled=coupled_parameters(model, example), **kw)
+    return opt, target
+
+
+def run(model, opt, target, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        target.step()
+
+
+@given(st.floats(0.01, 1.0), st.integers(1, 500), st.sampled_from(["grow", "shrink"]))
+def test_support_fraction_reaches_the_target_monotonically(density, select, schedule):
+    values = [support_fraction(t, select, density, schedule) for t in range(0, select + 3)]
+    assert values[select] == pytest.approx(density) and values[-1] == pytest.approx(density)
+    pairs = list(zip(values, values[1:]))
+    if schedule == "grow":
+        assert values[0] == 0.0 and all(a <= b + 1e-12 for a, b in pairs)
+    else:
+        assert values[0] == pytest.approx(1.0) and all(a >= b - 1e-12 for a, b in pairs)
+
+
+@pytest.mark.parametrize("allocation", ["global", "layer"])
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.8])
+def test_hits_the_target_and_trains_the_subnetwork(density, allocation):
+    model = conv_net()
+    batches = data(12)
+    opt, target = setup(model, density, 12, batches[0][0][:1], allocation=allocation)
+    run(model, opt, target, batches[:6])  # select_at 0.5: the mask is fixed after step 6
+    assert target.frozen
+    assert target.unit_density() == pytest.approx(density, abs=0.03)
+    masks = {p: opt.state[p]["mask"].clone() for p in opt.penalised_params()}
+    gammas = {p: opt.gamma(p) for p in opt.penalised_params()}
+    run(model, opt, target, batches[6:])
+    for p, mask in masks.items():
+        assert opt.param_groups[0]["nu"] == math.inf
+        assert torch.equal(opt.gamma(p), gammas[p])  # V and Γ stopped
+        dropped = ~mask.expand_as(p)
+        assert (p[dropped] == 0).all()  # outside the mask: exactly zero
+        assert (p[~dropped] != 0).any()  # inside: trained
+    bn, conv = model[1], model[0]
+    dropped = ~opt.state[conv.weight]["mask"].flatten()
+    if dropped.any():  # the bias and the BatchNorm of a dropped filter go with it
+        assert (conv.bias[dropped] == 0).all() and (bn.bias[dropped] == 0).all()
+    classifier = model[-1].weight
+    assert "mask" not in opt.state[classifier]
+    assert all(p is not classifier for p in opt.penalised_params())
+
+
+def test_pure_path_holds_the_target_without_masks():
+    model = conv_net()
+    batches = data(10)
+    opt, target = setup(model, 0.4, 10, batches[0][0][:1], freeze=False)
+    run(model, opt, target, batches)
+    assert not target.frozen
+    assert all("mask" not in opt.state[p] for p in opt.penalised_params())
+    assert math.isfinite(opt.param_groups[0]["nu"])
+    assert target.unit_density() == pytest.approx(0.4, abs=0.03)
+
+
+def test_nu_is_derived_from_the_budget():
+    model = conv_net()
+    opt, target = setup(model, 0.5, 1000, torch.zeros(1, 1, 8, 8), path_speed=4.0)
+    assert target.select_step == 500
+    assert opt.param_groups[0]["nu"] == pytest.approx(0.05 * 1.0 * 500 / 4.0)
+
+
+def test_resume_is_bit_for_bit():
+    batches = data(10)
+    model = conv_net()
+    start = copy.deepcopy(model.state_dict())
+    opt, target = setup(model, 0.5, 10, batches[0][0][:1])
+    run(model, opt, target, batches)
+
+    model2 = conv_net()
+    model2.load_state_dict(start)
+    opt2, target2 = setup(model2, 0.5, 10, batches[0][0][:1])
+    run(model2, opt2, target2, batches[:4])
+    saved = copy.deepcopy((model2.state_dict(), opt2.state_dict(), target2.state_dict()))
+    model3 = conv_net()
+    opt3, target3 = setup(model3, 0.5, 10, batches[0][0][:1])
+    model3.load_state_dict(saved[0])
+    opt3.load_state_dict(saved[1])
+    target3.load_state_dict(saved[2])
+    run(model3, opt3, target3, batches[4:])
+    for a, b in zip(model.state_dict().values(), model3.state_dict().values()):
+        assert torch.equal(a, b)
+    for p, q in zip(opt.penalised_params(), opt3.penalised_params()):
+        assert torch.equal(opt.state[p]["V"], opt3.state[q]["V"])
+        assert torch.equal(opt.state[p]["mask"], opt3.state[q]["mask"])
+        assert opt3.state[q]["mask"].dtype == torch.bool
+
+
+def test_resnet_with_residual_sums():
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 3, 32)
+    example = torch.randn(1, 3, 32, 32)
+    opt, target = setup(model, 0.5, 4, example)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
+               for _ in range(3)]
+    run(model, opt, target, batches)
+    assert target.frozen
+    assert target.unit_density() == pytest.approx(0.5, abs=0.03)
+    coupled = coupled_parameters(model, example)
+    # a conv followed by its BatchNorm carries it; the classifier is never penalised
+    first = model.conv1 if hasattr(model, "conv1") else next(
+        m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert len(coupled[first.weight]) >= 2  # its BatchNorm's weight and bias
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    assert all(p is not linear.weight for p in opt.penalised_params())
+
+
+def test_bad_arguments_name_the_field():
+    model = conv_net()
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1)
+    for kw, field in ((dict(density=0.0), "density"), (dict(density=1.5), "density"),
+                      (dict(total_steps=0), "total_steps"), (dict(select_at=0), "select_at"),
+                      (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation")):
+        args = dict(density=0.5, total_steps=10, **{k: v for k, v in kw.items()
+                                                    if k not in ("density", "total_steps")})
+        args.update({k: v for k, v in kw.items() if k in ("density", "total_steps")})
+        with pytest.raises(ValueError, match=field):
+            SparsityTarget(opt, **args)
+    with pytest.raises(TypeError, match="DessiLBI"):
+        SparsityTarget(torch.optim.SGD(model.parameters(), lr=0.1), 0.5, 10)
+
+
+def test_unit_norms_match_the_prox_threshold():
+    v = torch.randn(5, 3, 2, 2)
+    assert torch.allclose(unit_norms(v, "group"), v.flatten(1).norm(dim=1))
+    assert torch.equal(unit_norms(v, "lasso"), v.abs().flatten())
