@@ -4,6 +4,7 @@ Both optimizers train their own copy of the model in one process, alternating ep
 machine noise hits both alike; prints the median epoch time of each and the ratio.
 
     python benchmarks/epoch_time.py [--model lenet3] [--dataset default] [--epochs 5]
+    python benchmarks/epoch_time.py --model lenet5 --lr 0.05 --epochs 6 --target-density 0.3
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--nu", type=float, default=20.0)
     ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--target-density", type=float, default=None,
+                    help="steer DessiLBI with SparsityTarget (select then train)")
     args = ap.parse_args()
     runs = {}
     for opt in ("sgd-momentum", "dessilbi"):
+        lbi = opt == "dessilbi"
         cfg = TrainConfig(model=args.model, dataset=args.dataset, optimizer=opt, nu=args.nu,
-                          batch_size=args.batch_size, fused=args.fused and opt == "dessilbi")
+                          batch_size=args.batch_size, fused=args.fused and lbi, lr=args.lr,
+                          epochs=args.epochs, target_density=args.target_density if lbi else None)
         runs[opt] = build(cfg)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for epoch in range(args.epochs):
@@ -44,6 +50,8 @@ def main() -> None:
                 b.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 b.optimizer.step()
+                if b.target is not None:
+                    b.target.step()
             times[name].append(time.perf_counter() - t0)
     sgd, lbi = (statistics.median(times[k]) for k in ("sgd-momentum", "dessilbi"))
     print(f"{args.model} on {runs['dessilbi'].cfg.dataset}, batch {args.batch_size}, "
