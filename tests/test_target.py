@@ -155,9 +155,7 @@ def test_bad_arguments_name_the_field():
     for kw, field in ((dict(density=0.0), "density"), (dict(density=1.5), "density"),
                       (dict(total_steps=0), "total_steps"), (dict(select_at=0), "select_at"),
                       (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation")):
-        args = dict(density=0.5, total_steps=10, **{k: v for k, v in kw.items()
-                                                    if k not in ("density", "total_steps")})
-        args.update({k: v for k, v in kw.items() if k in ("density", "total_steps")})
+        args = {"density": 0.5, "total_steps": 10, **kw}
         with pytest.raises(ValueError, match=field):
             SparsityTarget(opt, **args)
     with pytest.raises(TypeError, match="DessiLBI"):

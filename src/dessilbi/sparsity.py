@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .optim import DessiLBI
+from .units import unit_mask
 
 __all__ = [
     "Mask",
@@ -73,13 +74,6 @@ def applied_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.
                 params[n].copy_(w)
 
 
-def _units(mask: Tensor, penalty: str) -> Tensor:
-    """Per filter / neuron (group) or per weight (lasso) view of a mask, as a flat bool tensor."""
-    if penalty == "group" and mask.ndim >= 2:
-        return mask.reshape(mask.shape[0], -1).any(dim=1)
-    return mask.reshape(-1)
-
-
 def layer_report(masks: Mapping[str, Tensor],
                  penalties: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per-layer weights, non-zeros, density (= |supp Γ| / |W|) and, for filters, filters kept.
@@ -93,7 +87,7 @@ def layer_report(masks: Mapping[str, Tensor],
         total, nonzero = total + n, nonzero + k
         row: dict[str, Any] = {"weights": n, "nonzero": k, "density": k / n if n else 0.0}
         if penalties and penalties.get(name) == "group" and m.ndim >= 2:
-            units = _units(m, "group")
+            units = unit_mask(m, "group")
             row["filters"] = units.numel()
             row["filters_kept"] = int(units.sum())
         report[name] = row
@@ -121,7 +115,7 @@ class EntryTracker:
 
     def update(self, epoch: int, masks: Mapping[str, Tensor], penalties: Mapping[str, str]) -> None:
         for name, m in masks.items():
-            units = _units(m, penalties.get(name, "lasso")).cpu()
+            units = unit_mask(m, penalties.get(name, "lasso")).cpu()
             cur = self.entry.get(name)
             if cur is None or cur.shape != units.shape:
                 cur = torch.full(units.shape, -1, dtype=torch.int32)
@@ -294,7 +288,7 @@ class Mask:
         out = {}
         for name, m in other.masks.items():
             pen = other.penalties[name]
-            units = _units(m, pen)
+            units = unit_mask(m, pen)
             keep = torch.zeros_like(units)
             keep[torch.randperm(units.numel(), generator=g)[: int(units.sum())]] = True
             out[name] = _expand(keep, m, pen)

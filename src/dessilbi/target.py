@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .optim import DessiLBI
 from .prox import group_norms
+from .units import unit_counts, unit_mask
 
 __all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS"]
 
@@ -212,8 +213,9 @@ class SparsityTarget:
     def _fix_mask(self) -> None:
         opt = self.optimizer
         for p in self.params:
-            units = opt.support(p).reshape(p.shape[0], -1).any(1) \
-                if opt.penalty_of(p) == "group" and p.ndim >= 2 else opt.support(p)
+            units = unit_mask(opt.support(p), opt.penalty_of(p))
+            if opt.penalty_of(p) == "lasso":
+                units = units.reshape(p.shape)
             shape = units.shape + (1,) * (p.ndim - units.ndim)
             opt.set_mask(p, units.reshape(shape))
             for q in self.coupled.get(id(p), []):
@@ -226,11 +228,9 @@ class SparsityTarget:
     # ----------------------------------------------------------------- checkpointing
     def unit_density(self) -> float:
         """Fraction of the penalised units now in supp(Γ)."""
-        kept = total = 0
-        for p in self.params:
-            n = unit_norms(self.optimizer.gamma(p), self.optimizer.penalty_of(p))
-            kept, total = kept + int((n != 0).sum()), total + n.numel()
-        return kept / total
+        counts = [unit_counts(self.optimizer.support(p), self.optimizer.penalty_of(p))
+                  for p in self.params]
+        return sum(k for k, _ in counts) / sum(n for _, n in counts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "frozen": self.frozen, "scales": list(self.scales)}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .param_groups import CONV_TYPES, LINEAR_TYPES, NORM_TYPES
 
-__all__ = ["classifier_of", "coupled_parameters", "unit_density", "unit_counts"]
+__all__ = ["classifier_of", "coupled_parameters", "unit_density", "unit_counts", "unit_mask"]
 
 
 def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[nn.Module, Tensor]], Any,
@@ -99,12 +99,17 @@ def coupled_parameters(model: nn.Module, example: Any) -> dict[Tensor, list[Tens
     return coupled
 
 
+def unit_mask(mask: Tensor, penalty: str) -> Tensor:
+    """Per filter / neuron (group) or per weight (lasso) view of a mask, as a flat bool tensor."""
+    if penalty == "group" and mask.ndim >= 2:
+        return mask.reshape(mask.shape[0], -1).any(dim=1)
+    return mask.reshape(-1)
+
+
 def unit_counts(mask: Tensor, penalty: str) -> tuple[int, int]:
     """(units kept, units) of one mask: filters / neurons for ``group``, weights for ``lasso``."""
-    if penalty == "group" and mask.ndim >= 2:
-        rows = mask.reshape(mask.shape[0], -1).any(1)
-        return int(rows.sum()), rows.numel()
-    return int(mask.sum()), mask.numel()
+    units = unit_mask(mask, penalty)
+    return int(units.sum()), units.numel()
 
 
 def unit_density(masks: Mapping[str, Tensor], penalties: Mapping[str, str]) -> float:
