@@ -17,18 +17,9 @@ from typing import Any
 from torch import nn
 
 from .optim import PENALTY_CHOICES
+from .units import CONV_TYPES, LINEAR_TYPES, NORM_TYPES, classifier_of
 
 __all__ = ["lbi_param_groups", "NORM_TYPES", "CONV_TYPES", "LINEAR_TYPES"]
-
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-)
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-
 
 def lbi_param_groups(
     model: nn.Module,
@@ -74,8 +65,6 @@ def lbi_param_groups(
 
     exclude = list(exclude)
     if keep_classifier:
-        from .units import classifier_of
-
         head = classifier_of(model, example_inputs)
         if head is not None:
             exclude.append(head)

@@ -19,9 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .param_groups import CONV_TYPES, LINEAR_TYPES, NORM_TYPES
+CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
-__all__ = ["classifier_of", "coupled_parameters", "unit_density", "unit_counts", "unit_mask"]
+__all__ = ["CONV_TYPES", "LINEAR_TYPES", "NORM_TYPES", "classifier_of", "coupled_parameters",
+           "unit_density", "unit_counts", "unit_mask"]
 
 
 def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[nn.Module, Tensor]], Any,
