@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi import DessiLBI, lbi_param_groups, nu_for_steps
 
 
 # ---------------------------------------------------------------- naive reference
@@ -303,8 +303,20 @@ def test_auto_penalty_from_dimensions():
     model = small_model()
     opt = DessiLBI(model.parameters(), lr=0.1)
     assert opt.penalty_of(model[0].weight) == "group"
-    assert opt.penalty_of(model[6].weight) == "lasso"
+    assert opt.penalty_of(model[6].weight) == "group"  # one group per neuron: removable
     assert opt.penalty_of(model[0].bias) == "none"
+
+
+def test_nu_chosen_from_the_number_of_steps():
+    model = small_model()
+    assert DessiLBI(model.parameters(), lr=0.1).defaults["nu"] == 100.0  # length unknown
+    opt = DessiLBI(model.parameters(), lr=0.1, kappa=2.0, total_steps=4690)
+    assert opt.defaults["nu"] == pytest.approx(0.1 * 2.0 * 4690 / 20)
+    assert nu_for_steps(0.05, 1000, path_speed=10) == pytest.approx(5.0)
+    explicit = DessiLBI(model.parameters(), lr=0.1, nu=7.0, total_steps=4690)
+    assert explicit.defaults["nu"] == 7.0  # an explicit ν wins
+    with pytest.raises(ValueError, match="total_steps"):
+        DessiLBI(model.parameters(), lr=0.1, total_steps=0)
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,15 @@
 Public API::
 
     from dessilbi import DessiLBI, lbi_param_groups
-    opt = DessiLBI(lbi_param_groups(model, weight_decay=1e-4), lr=0.1, kappa=1.0, nu=100.0)
+    opt = DessiLBI(lbi_param_groups(model, weight_decay=1e-4), lr=0.1,
+                   total_steps=epochs * len(loader))  # ν = α κ T / 20 (nu_for_steps)
 
     # or aim it: keep 30 % of the filters / neurons, ν and λ derived from the budget
     target = SparsityTarget(opt, density=0.3, total_steps=epochs * len(loader))
     ...  loss.backward(); opt.step(); target.step()
 """
 
-from .optim import PENALTY_CHOICES, DessiLBI, dessilbi_update, resolve_penalty
+from .optim import PENALTY_CHOICES, DessiLBI, dessilbi_update, nu_for_steps, resolve_penalty
 from .param_groups import lbi_param_groups
 from .prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
 from .target import SparsityTarget, support_fraction
@@ -31,6 +32,7 @@ __all__ = [
     "group_scale",
     "group_soft_threshold",
     "lbi_param_groups",
+    "nu_for_steps",
     "prox",
     "resolve_penalty",
     "soft_threshold",

@@ -40,7 +40,7 @@ _HELP = {
                  "adamw, adagrad, amsgrad, radam, adabound",
     "kappa": "κ: damping; every step is scaled by κ",
     "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster); "
-          "derived from the budget when --target-density is given",
+          "default: lr·κ·steps/20, from the number of steps of the run",
     "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
                       "and the number of steps)",
     "select_at": "with --target-density: when the support reaches the target, as a fraction "

@@ -50,7 +50,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     kappa: float = 1.0
-    nu: float = 20.0
+    nu: float | None = None  # None: ν = lr·κ·steps/20, from the run's number of steps
     lambda_: float = 1.0
     lambda_conv: float | None = None
     group_norm: str = "l2"
@@ -98,6 +98,8 @@ class TrainConfig:
         positive = ("lr", "kappa", "nu", "batch_size", "epochs", "lr_gamma", "step_size", "width")
         for f in positive:
             v = getattr(self, f)
+            if f == "nu" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or (
                     f != "nu" and not math.isfinite(v)):
                 raise bad(f, "must be a number > 0")
@@ -160,7 +162,8 @@ class TrainConfig:
         if opt == "dessilbi" and self.target_density is not None:
             opt += f"_units{self.target_density:g}"
         elif opt == "dessilbi":
-            opt += f"_k{self.kappa:g}_nu{self.nu:g}_lam{self.lambda_:g}"
+            nu = "auto" if self.nu is None else f"{self.nu:g}"
+            opt += f"_k{self.kappa:g}_nu{nu}_lam{self.lambda_:g}"
         return f"{self.dataset}_{self.model}_{opt}_lr{self.lr:g}_e{self.epochs}_s{self.seed}" \
                f"_{self.config_hash()}"
 

@@ -210,10 +210,10 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     example = _example(test_set, device)
-    opt = create_optimizer(cfg.optimizer_config(), model, example)
+    steps = cfg.epochs * _batches_per_epoch(cfg, len(train_set), d)  # type: ignore[arg-type]
+    opt = create_optimizer(cfg.optimizer_config(), model, example, total_steps=steps)
     target = None
     if cfg.target_density is not None and isinstance(opt, DessiLBI):
-        steps = cfg.epochs * _batches_per_epoch(cfg, len(train_set), d)  # type: ignore[arg-type]
         target = SparsityTarget(opt, cfg.target_density, steps, select_at=cfg.select_at,
                                 freeze=cfg.freeze, coupled=coupled_parameters(model, example))
     return Built(cfg, model, opt, _scheduler(cfg, opt), train_set, test_set, info, device, note,

@@ -15,6 +15,7 @@ channels of a residual sum do not grow; in a ResNet the inner convolution of eac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -245,7 +246,9 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
         old_opt = opt
         for g in to_grow:
             grow_layer(g, grown_size(g.conv.out_channels), gen)
-        opt = create_optimizer(cfg.optimizer_config(), model)
+        # the grown network keeps the ν the run started with (derived from its length)
+        ocfg = dataclasses.replace(cfg.optimizer_config(), nu=old_opt.param_groups[0].get("nu"))
+        opt = create_optimizer(ocfg, model)
         transfer_state(old_opt, old_names, opt, model)
     train_epochs(gcfg.finetune_epochs)
     final = {"stage": "final", "epoch": epoch,

@@ -38,25 +38,44 @@ from torch.optim import Optimizer
 
 from .prox import GROUP_NORMS, prox
 
-__all__ = ["DessiLBI", "resolve_penalty", "PENALTY_CHOICES"]
+__all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "PENALTY_CHOICES"]
 
 PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")
+
+
+DEFAULT_NU = 100.0  # the paper's ν, for runs whose length the optimizer is not told
+PATH_SPEED = 20.0  # time constants of the coupling per run: measured in docs/training.md
+
+
+def nu_for_steps(lr: float, total_steps: int, kappa: float = 1.0,
+                 path_speed: float = PATH_SPEED) -> float:
+    r"""ν for a run of ``total_steps`` optimizer steps: :math:`\nu = \alpha\kappa T / c`.
+
+    V moves by :math:`(\alpha/\nu)(W - \Gamma)` a step, so the coupling's time constant is
+    :math:`\nu / (\alpha\kappa)` steps; this ν makes the run last ``c = path_speed`` of them.
+    With c = 20 (measured on LeNet-3 / LeNet-5, 3 to 20 epochs: docs/training.md) the support has
+    filled in well before the end and the Sparse model ends within a point of the Full one;
+    c ≲ 2 leaves the path unfinished (Sparse far below Full), c ≳ 200 couples so hard that the
+    Full model loses accuracy.
+    """
+    if total_steps < 1:
+        raise ValueError(f"invalid total_steps={total_steps!r}: must be a positive integer")
+    return float(lr) * kappa * total_steps / path_speed
 
 
 def resolve_penalty(penalty: str, param: Tensor) -> str:
     """The concrete penalty of ``param`` in a group whose penalty is ``penalty``.
 
     ``"auto"`` is for parameters handed over without module information (``model.parameters()``):
-    tensors with ≥ 3 dimensions (convolution kernels) get ``"group"``, matrices ``"lasso"`` and
-    vectors / scalars ``"none"``. :func:`dessilbi.lbi_param_groups` decides from module types
+    tensors with ≥ 2 dimensions (convolution kernels, linear weights) get ``"group"`` (one group
+    per output filter / neuron, so the support removes whole units) and vectors / scalars
+    ``"none"``. :func:`dessilbi.lbi_param_groups` decides from module types
     instead and should be preferred.
     """
     if penalty != "auto":
         return penalty
-    if param.ndim >= 3:
+    if param.ndim >= 2:
         return "group"
-    if param.ndim == 2:
-        return "lasso"
     return "none"
 
 
@@ -104,7 +123,8 @@ class DessiLBI(Optimizer):
         lr: learning rate α.
         kappa: κ, the damping of the inverse scale space; every step is scaled by κ (default 1).
         nu: ν, the coupling strength of ``‖W − Γ‖² / (2ν)``; larger ν means a slower path
-            (default 100; ``math.inf`` turns DessiLBI into SGD with learning rate α κ).
+            (``math.inf`` turns DessiLBI into SGD with learning rate α κ). Default: chosen from
+            ``total_steps`` by :func:`nu_for_steps` (ν = α κ T / 20), else 100.
         lambda_: λ, the threshold of the proximal map (default 1).
         penalty: ``"lasso"`` (element-wise), ``"group"`` (one group per output filter / neuron),
             ``"none"`` (plain SGD-momentum) or ``"auto"`` (decided per tensor from its number of
@@ -118,6 +138,9 @@ class DessiLBI(Optimizer):
             when all tensors are on CUDA, as ``torch.optim`` does.
         fused: run the update as a ``torch.compile``-d kernel that reads every tensor once
             (the fastest path for long runs; the first step pays the compilation).
+        total_steps: the number of optimizer steps the run will take; when ``nu`` is not given
+            it sets ν so that the path completes within the run (a 3-epoch run needs a ν ~15×
+            smaller than a 40-epoch one).
 
     State per penalised parameter: ``V`` (same shape as the parameter) and ``momentum_buffer``.
     Γ is available through :meth:`gamma`, its support through :meth:`support` and :meth:`masks`.
@@ -135,7 +158,7 @@ class DessiLBI(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 0.1,
         kappa: float = 1.0,
-        nu: float = 100.0,
+        nu: float | None = None,
         lambda_: float = 1.0,
         penalty: str = "auto",
         group_norm: str = "l2",
@@ -146,7 +169,10 @@ class DessiLBI(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool = False,
+        total_steps: int | None = None,
     ) -> None:
+        if nu is None:
+            nu = DEFAULT_NU if total_steps is None else nu_for_steps(float(lr), total_steps, kappa)
         defaults = dict(
             lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, penalty=penalty, group_norm=group_norm,
             momentum=momentum, dampening=dampening, nesterov=nesterov,

@@ -39,7 +39,7 @@ class OptimizerConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     kappa: float = 1.0
-    nu: float = 100.0
+    nu: float | None = None  # None: from total_steps (nu_for_steps), else 100
     lambda_: float = 1.0
     lambda_conv: float | None = None
     group_norm: str = "l2"
@@ -119,11 +119,13 @@ class AdaBound(Optimizer):
         return sd
 
 
-def create_optimizer(cfg: OptimizerConfig, model: nn.Module,
-                     example_inputs: Any = None) -> Optimizer:
+def create_optimizer(cfg: OptimizerConfig, model: nn.Module, example_inputs: Any = None,
+                     total_steps: int | None = None) -> Optimizer:
     """Build the optimizer ``cfg.name`` for ``model``'s parameters.
 
-    ``example_inputs`` (an input batch) lets DessiLBI find the classifier from a forward pass.
+    ``example_inputs`` (an input batch) lets DessiLBI find the classifier from a forward pass;
+    ``total_steps`` (the run's number of optimizer steps) sets DessiLBI's ν when ``cfg.nu`` is
+    None.
     """
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
@@ -137,7 +139,8 @@ def create_optimizer(cfg: OptimizerConfig, model: nn.Module,
             keep_classifier=cfg.keep_classifier, example_inputs=example_inputs,
         )
         return DessiLBI(groups, lr=cfg.lr, kappa=cfg.kappa, nu=cfg.nu, lambda_=cfg.lambda_,
-                        momentum=cfg.momentum, nesterov=cfg.nesterov, fused=cfg.fused)
+                        momentum=cfg.momentum, nesterov=cfg.nesterov, fused=cfg.fused,
+                        total_steps=total_steps)
     wd = cfg.weight_decay
     if cfg.name == "sgd-momentum-wd" and wd == 0.0:
         wd = 1e-4  # the name promises weight decay: use the paper's value unless one is given

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim import DessiLBI
+from .optim import DessiLBI, nu_for_steps
 from .prox import group_norms
 from .units import unit_counts, unit_mask
 
@@ -162,7 +162,7 @@ class SparsityTarget:
     def auto_nu(self, path_speed: float) -> float:
         """ν = α κ T_s / c: the coupling's time constant ν / (α κ) is T_s / c steps."""
         group = self._penalised_groups()[0]
-        return float(group["lr"]) * group["kappa"] * self.select_step / path_speed
+        return nu_for_steps(float(group["lr"]), self.select_step, group["kappa"], path_speed)
 
     def _penalised_groups(self) -> list[dict[str, Any]]:
         ids = {id(p) for p in self.params}
