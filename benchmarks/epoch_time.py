@@ -16,8 +16,8 @@ import time
 import torch
 from torch import nn
 
-from dessilbi.config import TrainConfig
-from dessilbi.engine import _batches, build, epoch_indices
+from dessilbi.training.config import TrainConfig
+from dessilbi.training.engine import _batches, build, epoch_indices
 
 
 def main() -> None:

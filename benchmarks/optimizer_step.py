@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.models import create_model
+from dessilbi.zoo.models import create_model
 
 
 def _sync(device: str) -> None:

@@ -39,13 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.data import load_dataset
-from dessilbi.engine import epoch_indices
-from dessilbi.models import create_model
-from dessilbi.prune import count_cost, prune_model
-from dessilbi.sparsity import Mask
-from dessilbi.target import SparsityTarget
-from dessilbi.units import classifier_of, coupled_parameters
+from dessilbi.core.target import SparsityTarget
+from dessilbi.core.units import classifier_of, coupled_parameters
+from dessilbi.sparsity.masks import Mask
+from dessilbi.structure.prune import count_cost, prune_model
+from dessilbi.training.engine import epoch_indices
+from dessilbi.zoo.data import load_dataset
+from dessilbi.zoo.models import create_model
 
 log = logging.getLogger("peers")
 METHODS = ("dense", "dessilbi", "dessilbi-path", "oto", "tp-reg", "tp-mag", "tp-mag-ft")

@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dessilbi.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from dessilbi.files import CheckpointError, load_checkpoint, save_checkpoint
+from dessilbi.training.checkpoint import rng_state, set_rng_state
 
 
 def test_atomic_save_keeps_previous(tmp_path):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from dessilbi.cli import main
+from dessilbi.cli.main import main
 
 TINY = ["--model", "lenet3", "--dataset", "synthetic", "--synthetic-size", "128", "1", "28", "10",
         "--epochs", "2", "--batch-size", "32", "--nu", "2", "--lambda", "0.3", "--no-progress",
@@ -91,7 +91,7 @@ def test_bad_config_files(tmp_path, capsys):
 
 
 def test_argparse_errors_exit_2_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "dessilbi.cli", "train", "--lr", "abc"],
+    proc = subprocess.run([sys.executable, "-m", "dessilbi.cli.main", "train", "--lr", "abc"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--lr" in proc.stderr
 
@@ -99,7 +99,7 @@ def test_argparse_errors_exit_2_without_traceback():
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    from dessilbi.config import TrainConfig, load_config_file
+    from dessilbi.training.config import TrainConfig, load_config_file
 
     files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
     assert files

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from dessilbi.checkpoint import load_checkpoint
-from dessilbi.cli import main
-from dessilbi.runs import choose_epoch, open_run, pareto_front
-from dessilbi.sparsity import Mask
+from dessilbi.cli.main import main
+from dessilbi.files import load_checkpoint
+from dessilbi.sparsity.masks import Mask
+from dessilbi.training.runs import choose_epoch, open_run, pareto_front
 
 TINY = ["--dataset", "synthetic", "--synthetic-size", "256", "1", "28", "10", "--epochs", "4",
         "--batch-size", "32", "--nu", "0.5", "--lambda", "0.1", "--no-progress", "--no-tensorboard"]
@@ -79,8 +79,9 @@ def test_lottery_with_imp_and_random(run_dir, capsys):
     out = capsys.readouterr().out
     for label in ("Γ ticket", "random", "IMP", "dense"):
         assert label in out
-    folder = run_dir / "tickets" / "epoch2"
-    records = json.loads((folder / "lottery.json").read_text())
+    (folder,) = (run_dir / "tickets").glob("epoch2_*")
+    assert folder.name.startswith("epoch2_mask_seed0_imp2_sgd-momentum_lr")
+    records = json.loads((folder / "lottery.json").read_text())["records"]
     by = {r["method"]: r for r in records}
     assert by["random"]["density"] == pytest.approx(by["gamma"]["density"])
     assert by["imp"]["density"] == pytest.approx(by["gamma"]["density"], rel=0.05)
@@ -95,3 +96,22 @@ def test_lottery_with_imp_and_random(run_dir, capsys):
     assert cfg.init_from == str(run_dir / "init.pt") and cfg.optimizer == "sgd-momentum"
     # kept weights were trained from the initialisation
     assert any(not torch.equal(init[n][m], w[n][m]) for n, m in mask.masks.items() if m.any())
+
+
+def test_lottery_branches_carry_their_settings(run_dir, capsys):
+    """Two lotteries with another lr or mask seed never read each other's retrains."""
+    base = ["lottery", "--from", str(run_dir), "--epoch", "1", "--epochs", "1"]
+    tickets = run_dir / "tickets"
+    before = set(tickets.iterdir()) if tickets.exists() else set()
+    assert main([*base, "--lr", "0.1"]) == 0
+    assert main([*base, "--lr", "0.001"]) == 0
+    assert main([*base, "--lr", "0.001", "--seed", "3"]) == 0
+    folders = sorted(set(tickets.iterdir()) - before)
+    assert len(folders) == 3
+    lrs = {open_run(f / "gamma").cfg.lr for f in folders}
+    assert lrs == {0.1, 0.001}
+    notes = [(f / "lottery.md").read_text() for f in folders]
+    assert sum("lr 0.001" in n for n in notes) == 2 and sum("lr 0.1," in n for n in notes) == 1
+    records = [json.loads((f / "lottery.json").read_text())["records"] for f in folders]
+    runs = {r["run"] for rec in records for r in rec}
+    assert len(runs) == 3 * 3  # gamma, random, dense in each branch: nothing shared

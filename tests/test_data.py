@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dessilbi.data import (
+from dessilbi.zoo.data import (
     CorruptDatasetError,
     DatasetNotFoundError,
     load_dataset,

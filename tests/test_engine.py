@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dessilbi import engine
-from dessilbi.checkpoint import load_checkpoint
-from dessilbi.config import TrainConfig
-from dessilbi.engine import NonFiniteLossError, RunExistsError, epoch_indices, train
+from dessilbi.files import load_checkpoint
+from dessilbi.training import engine
+from dessilbi.training.config import TrainConfig
+from dessilbi.training.engine import NonFiniteLossError, RunExistsError, epoch_indices, train
 
 
 def cfg(tmp_path, **kw):
@@ -113,7 +113,7 @@ def test_kill_9_then_resume(tmp_path):
     ref = cfg(tmp_path / "ref", epochs=6, synthetic_size=[2048, 1, 28, 10])
     train(ref)
     c = cfg(tmp_path / "k", epochs=6, synthetic_size=[2048, 1, 28, 10])
-    args = [sys.executable, "-m", "dessilbi.cli", "train", "--model", "lenet3", "--dataset",
+    args = [sys.executable, "-m", "dessilbi.cli.main", "train", "--model", "lenet3", "--dataset",
             "synthetic", "--synthetic-size", "2048", "1", "28", "10", "--epochs", "6",
             "--batch-size", "32", "--nu", "2.0", "--lambda", "0.3", "--runs-dir",
             str(tmp_path / "k"), "--no-progress", "--no-tensorboard", "--linear-penalty",
@@ -199,8 +199,8 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
 
 
 def test_rewinding_restores_initial_weights_exactly(tmp_path):
-    from dessilbi.engine import build
-    from dessilbi.sparsity import Mask
+    from dessilbi.sparsity.masks import Mask
+    from dessilbi.training.engine import build
 
     src = cfg(tmp_path / "src", epochs=1)
     train(src)

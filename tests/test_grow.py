@@ -1,9 +1,9 @@
 import torch
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.cli import main
-from dessilbi.grow import find_growable, grow_layer, grown_size, transfer_state
-from dessilbi.models import create_model
+from dessilbi.cli.main import main
+from dessilbi.structure.grow import find_growable, grow_layer, grown_size, transfer_state
+from dessilbi.zoo.models import create_model
 
 
 def test_grown_size():

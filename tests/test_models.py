@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dessilbi.models import MODELS, create_model
+from dessilbi.zoo.models import MODELS, create_model
 
 SMALL = [n for n in MODELS if n not in ("alexnet", "resnet50", "resnet110")]
 

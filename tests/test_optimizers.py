@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dessilbi import DessiLBI
-from dessilbi.optimizers import OPTIMIZERS, AdaBound, OptimizerConfig, create_optimizer
+from dessilbi.core.optimizers import OPTIMIZERS, AdaBound, OptimizerConfig, create_optimizer
 
 
 def model():

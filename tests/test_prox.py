@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dessilbi.prox import (
+from dessilbi.core.prox import (
     group_norms,
     group_scale,
     group_soft_threshold,

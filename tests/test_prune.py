@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.models import create_model
-from dessilbi.prune import channel_masked, cpu_latency, export_onnx, prune_model
-from dessilbi.sparsity import Mask
+from dessilbi.sparsity.masks import Mask
+from dessilbi.structure.prune import channel_masked, cpu_latency, export_onnx, prune_model
+from dessilbi.zoo.models import create_model
 
 
 def randomise_bn(model):

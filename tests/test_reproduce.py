@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from dessilbi.cli import main
-from dessilbi.config import ConfigError
-from dessilbi.reproduce import KINDS, expand_runs, find_tables, load_table
+from dessilbi.cli.main import main
+from dessilbi.paper.reproduce import KINDS, expand_runs, find_tables, load_table
+from dessilbi.training.config import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "paper"
 
@@ -68,7 +68,7 @@ def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
 
 
 def test_a_diverging_run_is_reported_not_fatal(tmp_path, monkeypatch):
-    from dessilbi import engine
+    from dessilbi.training import engine
 
     cfgfile = tmp_path / "t.yaml"
     cfgfile.write_text(
@@ -83,7 +83,7 @@ def test_a_diverging_run_is_reported_not_fatal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "_batches", poisoned)
     spec = load_table(cfgfile)
-    from dessilbi.reproduce import report_table, run_table
+    from dessilbi.paper.reproduce import report_table, run_table
 
     run_table(spec, "cpu", str(tmp_path / "runs"))
     md, csv_path = report_table(spec, "cpu", str(tmp_path / "runs"), tmp_path / "out")[:2]

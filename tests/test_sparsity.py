@@ -4,14 +4,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.models import create_model
-from dessilbi.sparsity import (
+from dessilbi.sparsity.masks import (
     EntryTracker,
     Mask,
     applied_masks,
     format_report,
     layer_report,
 )
+from dessilbi.zoo.models import create_model
 
 
 def trained_lenet5(steps=30):

@@ -14,8 +14,8 @@ from dessilbi import (
     lbi_param_groups,
     support_fraction,
 )
-from dessilbi.models import create_model
-from dessilbi.target import unit_norms
+from dessilbi.core.target import unit_norms
+from dessilbi.zoo.models import create_model
 
 
 def conv_net():

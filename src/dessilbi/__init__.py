@@ -11,11 +11,11 @@ Public API::
     ...  loss.backward(); opt.step(); target.step()
 """
 
-from .optim import PENALTY_CHOICES, DessiLBI, dessilbi_update, nu_for_steps, resolve_penalty
-from .param_groups import lbi_param_groups
-from .prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
-from .target import SparsityTarget, support_fraction
-from .units import classifier_of, coupled_parameters, unit_density
+from .core.optim import PENALTY_CHOICES, DessiLBI, dessilbi_update, nu_for_steps, resolve_penalty
+from .core.param_groups import lbi_param_groups
+from .core.prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
+from .core.target import SparsityTarget, support_fraction
+from .core.units import classifier_of, coupled_parameters, unit_density
 
 __version__ = "0.1.0"
 

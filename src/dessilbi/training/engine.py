@@ -35,14 +35,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, TrainConfig, resolve_default_dataset
-from .data import DataInfo, TensorImageDataset, load_dataset
-from .models import create_model
-from .optim import DessiLBI
-from .optimizers import create_optimizer
-from .prune import prune_model
-from .sparsity import (
+from ..core.optim import DessiLBI
+from ..core.optimizers import create_optimizer
+from ..core.target import SparsityTarget
+from ..core.units import coupled_parameters, unit_density
+from ..files import load_checkpoint, save_checkpoint
+from ..sparsity.masks import (
     EntryTracker,
     Mask,
     PathRecorder,
@@ -52,8 +50,11 @@ from .sparsity import (
     named_penalties,
     unwrap,
 )
-from .target import SparsityTarget
-from .units import coupled_parameters, unit_density
+from ..structure.prune import prune_model
+from ..zoo.data import DataInfo, TensorImageDataset, load_dataset
+from ..zoo.models import create_model
+from .checkpoint import rng_state, set_rng_state
+from .config import ConfigError, TrainConfig, resolve_default_dataset
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .optim import DessiLBI
-from .units import unit_mask
+from ..core.optim import DessiLBI
+from ..core.units import unit_mask
 
 __all__ = [
     "Mask",
@@ -334,13 +334,13 @@ class Mask:
         return cls(state["masks"], state.get("penalties"))
 
     def save(self, path: Any) -> None:
-        from .checkpoint import save_checkpoint
+        from ..files import save_checkpoint
 
         save_checkpoint(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: Any) -> Mask:
-        from .checkpoint import load_checkpoint
+        from ..files import load_checkpoint
 
         return cls.from_state_dict(load_checkpoint(path))
 
@@ -387,6 +387,6 @@ def format_report(report: Mapping[str, Mapping[str, Any]], fmt: str = "table") -
         return buf.getvalue()
     if fmt != "table":
         raise ValueError(f"invalid format {fmt!r}: table, json or csv")
-    from .tables import format_table
+    from ..tables import format_table
 
     return format_table([cols] + rows)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, TrainConfig, load_config_file
+from ..training.config import ConfigError, TrainConfig, load_config_file
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def expand_runs(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
 def run_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
               overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train every missing run of the table (finished runs are reused, interrupted ones resumed)."""
-    from .engine import NonFiniteLossError, train
+    from ..training.engine import NonFiniteLossError, train
 
     summaries: list[dict[str, Any]] = []
     b = spec.budget(budget)
@@ -168,40 +168,39 @@ def run_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
 
 
 # ----------------------------------------------------------------------------- lottery / cost
-def _lottery_dir(runs_dir: str) -> Path:
-    return Path(runs_dir) / "lottery"
+def _lottery_base(cfg: TrainConfig, opts: dict[str, Any]) -> tuple[int, TrainConfig]:
+    """The ticket epoch and the retraining configuration of a lottery table's source run."""
+    from ..experiments.lottery import ticket_config
+
+    epoch = min(int(opts.get("epoch", max(1, cfg.epochs // 5))), cfg.epochs)
+    base = ticket_config(cfg, cfg.run_dir(), optimizer=opts.get("optimizer", "sgd-momentum"),
+                         epochs=int(opts.get("epochs", cfg.epochs)), **(opts.get("train") or {}))
+    return epoch, base
+
+
+def _lottery_file(cfg: TrainConfig, opts: dict[str, Any]) -> Path:
+    """Where the lottery of ``cfg`` lives (a branch; folders of earlier versions are read too)."""
+    from ..experiments.lottery import LOTTERY_FILE, branch_dir
+
+    epoch, base = _lottery_base(cfg, opts)
+    rounds = int(opts.get("imp_rounds", 2))
+    path = branch_dir(cfg.run_dir(), "tickets", base, epoch=epoch, mask_seed=0,
+                      imp=rounds) / LOTTERY_FILE
+    legacy = cfg.run_dir() / "tickets" / f"epoch{epoch}" / LOTTERY_FILE
+    return path if path.exists() or not legacy.exists() else legacy
 
 
 def _run_lottery(spec: TableSpec, b: dict[str, Any], runs_dir: str,
                  overrides: dict[str, Any] | None) -> None:
-    from .cli_structure import _imp, _retrain
-    from .runs import open_run
-    from .sparsity import Mask
+    from ..experiments.lottery import lottery
+    from ..training.runs import open_run
 
     opts = b.get("lottery") or {}
     for cfg in expand_runs(spec, _budget_name(spec, b), runs_dir, overrides):
         run = open_run(cfg.run_dir())
-        epoch = min(int(opts.get("epoch", max(1, cfg.epochs // 5))), cfg.epochs)
-        ticket = run.mask(epoch)
-        retrain = {**cfg.to_dict(), "optimizer": opts.get("optimizer", "sgd-momentum"),
-                   "epochs": int(opts.get("epochs", cfg.epochs)),
-                   "init_from": str(run.dir / "init.pt"), "mask": "", "name": "",
-                   "fused": False, **(opts.get("train") or {})}
-        base = TrainConfig.from_dict(retrain)
-        folder = run.dir / "tickets" / f"epoch{epoch}"
-        folder.mkdir(parents=True, exist_ok=True)
-        records = []
-        for slug, mask in (("gamma", ticket), ("random", Mask.random_like(ticket, seed=0))):
-            s = _retrain(base, slug, mask, folder)
-            records.append({"method": slug, "density": mask.density(), "run": s["run"]})
-        rounds = int(opts.get("imp_rounds", 2))
-        mask, s = _imp(base, list(ticket.masks), ticket.density(), rounds, folder)
-        records.append({"method": "imp", "density": mask.density(), "run": s["run"],
-                        "rounds": rounds})
-        s = _retrain(base, "dense", None, folder)
-        records.append({"method": "dense", "density": 1.0, "run": s["run"]})
-        (folder / "lottery.json").write_text(json.dumps(
-            {"epoch": epoch, "source": str(run.dir), "records": records}, indent=2))
+        epoch, base = _lottery_base(cfg, opts)
+        lottery(run.dir, run.mask(epoch), epoch, base, seed=0,
+                imp_rounds=int(opts.get("imp_rounds", 2)))
 
 
 def _budget_name(spec: TableSpec, b: dict[str, Any]) -> str:
@@ -210,7 +209,7 @@ def _budget_name(spec: TableSpec, b: dict[str, Any]) -> str:
 
 def _run_cost(spec: TableSpec, b: dict[str, Any], runs_dir: str,
               overrides: dict[str, Any] | None) -> None:
-    from .bench import bench_models
+    from ..experiments.bench import bench_models
 
     opts = b.get("bench") or {}
     models = opts.get("models", ["lenet3"])
@@ -434,7 +433,7 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
         header = ["source run", "ticket epoch", "method", "density", "best acc", "final acc"]
         rows = []
         for c in cfgs:
-            for f in sorted((c.run_dir() / "tickets").glob("epoch*/lottery.json")):
+            for f in [p for p in [_lottery_file(c, b.get("lottery") or {})] if p.exists()]:
                 data = json.loads(f.read_text())
                 for r in data["records"]:
                     m = _metrics(Path(r["run"]))

@@ -16,91 +16,21 @@ import itertools
 import json
 import logging
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, TrainConfig, load_config_file
-from .data import CorruptDatasetError, DatasetNotFoundError
-from .tables import format_table
+from ..files import CheckpointError
+from ..tables import format_table
+from ..training.config import ConfigError, TrainConfig
+from ..zoo.data import CorruptDatasetError, DatasetNotFoundError
+from .options import add_config_arguments, arg_type, config_from_args
 
 __all__ = ["main"]
 
 log = logging.getLogger("dessilbi")
 
-_HELP = {
-    "model": "network (lenet3, lenet5, conv2/4/6, vgg16_bn, resnet20/32/56/110, alexnet, "
-             "resnet18, resnet50)",
-    "dataset": "default (fashion-mnist if found, else digits), mnist, fashion-mnist, cifar10, "
-               "cifar100, imagenet, digits, synthetic",
-    "optimizer": "dessilbi or a baseline: sgd, sgd-momentum, sgd-momentum-wd, nesterov, adam, "
-                 "adamw, adagrad, amsgrad, radam, adabound",
-    "kappa": "κ: damping; every step is scaled by κ",
-    "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster); "
-          "default: lr·κ·steps/20, from the number of steps of the run",
-    "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
-                      "and the number of steps)",
-    "select_at": "with --target-density: when the support reaches the target, as a fraction "
-                 "of the run (default 0.5)",
-    "freeze": "with --target-density: fix the mask at selection and train the subnetwork for "
-              "the rest of the run (--no-freeze: the pure path)",
-    "keep_classifier": "leave the layer that produces the outputs unpenalised",
-    "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
-                      "as in the paper's LeNet tables) or none",
-    "lambda_": "λ: prox threshold",
-    "lambda_conv": "λ for conv layers (default: --lambda)",
-    "schedule": "none, multistep (with --milestones), cosine, step (with --step-size)",
-    "amp": "none, bf16 or fp16 (fp16 needs CUDA)",
-    "fused": "compiled DessiLBI update (fastest for long runs; compiles on the first step)",
-    "max_train_batches": "truncate every epoch to this many batches (0: whole epoch)",
-    "path_every": "record the solution path every N epochs (0: never)",
-    "name": "run folder name under --runs-dir (default: derived from the configuration)",
-}
-
-
-def _arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _arg_type(inner[0])
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return inner, {"nargs": "*"}
-    if tp is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    return tp, {}
-
-
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field (default None = not given)."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.rstrip("_").replace("_", "-")
-        tp, extra = _arg_type(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
-                                  "help": _HELP.get(f.name, f.name.replace("_", " ")), **extra}
-        if tp is not None:
-            kwargs["type"] = tp
-            kwargs["metavar"] = f.name.rstrip("_").upper()
-        p.add_argument(flag, **kwargs)
-
-
-def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        data.update(load_config_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            data[f.name] = v
-    data.update(extra or {})  # a sweep's grid point wins over the shared options
-    return TrainConfig.from_dict(data, source=str(getattr(args, "config", None) or "options"))
-
-
-# ------------------------------------------------------------------------------- commands
 def _print_table(rows: list[list[str]]) -> None:
     print(format_table(rows))
 
@@ -115,7 +45,7 @@ def _density_rows(final: dict[str, Any]) -> list[list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import train
+    from ..training.engine import train
 
     cfg = config_from_args(args)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -140,10 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine import evaluate
-    from .optim import DessiLBI
-    from .runs import open_run
-    from .sparsity import applied_masks, layer_report, named_masks, named_penalties
+    from ..core.optim import DessiLBI
+    from ..sparsity.masks import applied_masks, layer_report, named_masks, named_penalties
+    from ..training.engine import evaluate
+    from ..training.runs import open_run
 
     run = open_run(args.checkpoint)
     b = run.build(device=args.device)
@@ -182,7 +112,7 @@ def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         k = "lambda_" if k == "lambda" else k
         if k not in known:
             raise ConfigError(f"invalid --grid key {key!r}: not a training option")
-        tp, _ = _arg_type(hints[k])
+        tp, _ = arg_type(hints[k])
         conv = tp or (lambda s: s.lower() in ("1", "true", "yes"))
         try:
             grid[k] = [conv(v) for v in values.split(",") if v != ""]
@@ -196,7 +126,7 @@ def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .engine import train
+    from ..training.engine import train
 
     grid = _parse_grid(args.grid)
     keys = list(grid)
@@ -250,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the summary as JSON here")
     add_config_arguments(s)
     s.set_defaults(func=cmd_sweep)
-    from .cli_paper import register as register_paper
-    from .cli_structure import register as register_structure
+    from .paper import register as register_paper
+    from .structure import register as register_structure
 
     register_structure(sub)
     register_paper(sub)
@@ -263,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
-    from .engine import NonFiniteLossError, RunExistsError
+    from ..training.engine import NonFiniteLossError, RunExistsError
 
     try:
         return int(args.func(args) or 0)

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from ..files import CheckpointError, load_checkpoint
+from ..sparsity.masks import Mask, mask_at
 from .config import TrainConfig
-from .sparsity import Mask, mask_at
 
 __all__ = ["Run", "open_run", "pareto_front", "choose_epoch"]
 

@@ -1,22 +1,23 @@
-"""Checkpoints that survive crashes: atomic writes, the previous one kept, safe loading.
+"""Torch files that survive crashes and run no code: atomic writes, the previous one kept,
+safe loading.
 
 ``save_checkpoint(obj, path)`` writes ``path.tmp``, flushes it to disk, moves the current
 ``path`` to ``path.prev`` and renames the temporary file into place; a crash at any moment leaves
 a complete ``path`` or ``path.prev``. ``load_checkpoint`` uses ``torch.load(weights_only=True)``
 and turns every failure into :class:`CheckpointError` with the file name.
+
+A leaf: imports nothing of dessilbi, so every layer may use it.
 """
 
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -52,26 +53,3 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict")
     return obj
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state, in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import create_model
-from .optimizers import OptimizerConfig, create_optimizer
+from ..core.optimizers import OptimizerConfig, create_optimizer
+from ..zoo.models import create_model
 
 __all__ = ["bench_models", "accounted_bytes"]
 
@@ -78,7 +78,7 @@ def _iteration(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
 def _rss_child(name: str, image: tuple[int, int], batch: int, key: str, steps: int) -> float:
     code = (
         "import resource, torch, sys\n"
-        "from dessilbi.bench import _setup, _iteration\n"
+        "from dessilbi.experiments.bench import _setup, _iteration\n"
         f"s = _setup({name!r}, {tuple(image)!r}, {batch}, torch.device('cpu'))\n"
         f"m, o = s[{key!r}]\n"
         f"for _ in range({steps}): _iteration(m, o, s['x'], s['y'])\n"

@@ -46,7 +46,7 @@ def lbi_param_groups(
             weights get no penalty, e.g. the classifier: ``exclude=["fc"]``. Excluding a module
             excludes its children.
         keep_classifier: give the classifier no penalty (its outputs are the classes). It is
-            found by :func:`dessilbi.units.classifier_of`: from a forward pass on
+            found by :func:`dessilbi.core.units.classifier_of`: from a forward pass on
             ``example_inputs`` when given, else the last ``nn.Linear`` of the model.
         example_inputs: an input batch (or tuple of inputs) for finding the classifier.
         conv_options / linear_options: extra per-group hyper-parameters, e.g.

@@ -103,8 +103,8 @@ def layer_density_figure(layers: dict[str, dict[str, Any]]) -> Any:
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
              tensorboard: bool = True) -> list[Path]:
     """Write every figure of a run as PNG and SVG; also log them to the run's TensorBoard."""
-    from .checkpoint import load_checkpoint
-    from .runs import open_run
+    from ..files import load_checkpoint
+    from ..training.runs import open_run
 
     run = open_run(run_dir)
     out = Path(out_dir) if out_dir else run.dir / "plots"

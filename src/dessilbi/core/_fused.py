@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim import _group_by_device_dtype
+from .kernels import group_by_device_dtype
 
 
 def _group_scales(vs: list[Tensor], lam: Tensor, kappa: Tensor, rms: bool) -> list[Tensor]:
@@ -112,7 +112,7 @@ def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
     lr_value = float(lr) if isinstance(lr, Tensor) else lr
     use_momentum = momentum != 0.0
     out = []
-    for idx in _group_by_device_dtype(params):
+    for idx in group_by_device_dtype(params):
         device, dtype = params[idx[0]].device, params[idx[0]].dtype
         first = use_momentum and any(bufs[i] is None for i in idx)
         for i in idx:
@@ -136,7 +136,7 @@ def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
     """Compiled DessiLBI step over several bundles (param groups × penalties) at once.
 
     Each bundle holds ``params, grads, bufs, vs`` and the hyper-parameters of
-    :func:`dessilbi.optim.dessilbi_update`; ``bufs`` is completed in place.
+    :func:`dessilbi.core.update.dessilbi_update`; ``bufs`` is completed in place.
     """
     if "update" not in cache:
         cache["update"] = torch.compile(_update_many, fullgraph=True)
@@ -157,6 +157,6 @@ def fused_update(
     vs: list[Tensor | None], *, cache: dict[str, Any] | None, **hp: Any,
 ) -> None:
     """Compiled DessiLBI step on one bundle; same contract as
-    :func:`dessilbi.optim.dessilbi_update`."""
+    :func:`dessilbi.core.update.dessilbi_update`."""
     fused_step([dict(params=params, grads=grads, bufs=bufs, vs=vs, **hp)],
                {} if cache is None else cache)

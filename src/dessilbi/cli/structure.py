@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .runs import choose_epoch, open_run, pareto_front
-from .sparsity import Mask, format_report
-from .tables import format_table as _table
+from ..sparsity.masks import Mask, format_report
+from ..tables import format_table as _table
+from ..training.config import TrainConfig
+from ..training.runs import choose_epoch, open_run, pareto_front
 
 log = logging.getLogger("dessilbi")
 
@@ -72,7 +72,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- plot
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_run
+    from ..paper.plots import plot_run
 
     for p in plot_run(args.run, args.out, tensorboard=not args.no_tensorboard):
         print(p)
@@ -81,8 +81,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- prune
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .engine import evaluate
-    from .prune import cpu_latency, export_onnx, prune_model
+    from ..structure.prune import cpu_latency, export_onnx, prune_model
+    from ..training.engine import evaluate
 
     run = open_run(args.run)
     b = run.build(device="cpu")
@@ -128,120 +128,54 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- tickets
-def _retrain(base: TrainConfig, name: str, mask: Mask | None, folder: Path) -> dict[str, Any]:
-    from .engine import train
-
-    cfg = TrainConfig.from_dict({**base.to_dict(), "name": name, "runs_dir": str(folder)})
-    if mask is not None:
-        path = folder / f"{name}.mask.pt"
-        if not path.exists():
-            mask.save(path)
-        cfg.mask = str(path)
-    done = cfg.run_dir() / "summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    return train(cfg, resume=True)
-
-
 def _ticket_config(run: Any, args: argparse.Namespace) -> TrainConfig:
-    d = run.cfg.to_dict()
-    d.update(optimizer=args.optimizer, epochs=args.epochs or run.cfg.epochs,
-             init_from=str(run.dir / "init.pt"), mask="", name="", fused=False)
-    for k in ("lr", "weight_decay", "schedule", "milestones", "seed"):
-        v = getattr(args, k, None)
-        if v is not None:
-            d[k] = v
-    return TrainConfig.from_dict(d)
+    from ..experiments.lottery import ticket_config
 
-
-def _imp(base: TrainConfig, names: list[str], target: float, rounds: int, folder: Path,
-         prefix: str = "imp") -> tuple[Mask, dict[str, Any]]:
-    """Iterative magnitude pruning with rewinding to the initialisation (Frankle & Carbin)."""
-    from .checkpoint import load_checkpoint
-
-    keep = target ** (1.0 / rounds)
-    shapes = {}
-    state = load_checkpoint(base.init_from)
-    state = state.get("model", state)
-    for n in names:
-        shapes[n] = state[n].shape
-    current = Mask({n: torch.ones(shapes[n], dtype=torch.bool) for n in names})
-    summary = _retrain(base, f"{prefix}_r0", None, folder)
-    for r in range(1, rounds + 1):
-        trained = load_checkpoint(Path(summary["run"]) / "checkpoint.pt")["model"]
-        new = {}
-        for n in names:
-            w = trained[n].abs().float().flatten()
-            m = current.masks[n].flatten()
-            k = max(1, int(round(keep * int(m.sum()))))
-            scores = torch.where(m, w, torch.full_like(w, -1.0))
-            kept = torch.zeros_like(m)
-            kept[torch.argsort(scores, descending=True, stable=True)[:k]] = True
-            new[n] = kept.reshape(shapes[n])
-        current = Mask(new)
-        summary = _retrain(base, f"{prefix}_r{r}", current, folder)
-    return current, summary
-
-
-def _best(summary: dict[str, Any]) -> tuple[float, float]:
-    metrics = [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text()
-               .splitlines() if x.strip()]
-    return max(m["full_acc"] for m in metrics), metrics[-1]["full_acc"]
+    return ticket_config(run.cfg, run.dir, optimizer=args.optimizer,
+                         epochs=args.epochs or run.cfg.epochs,
+                         **{k: getattr(args, k, None)
+                            for k in ("lr", "weight_decay", "schedule", "milestones", "seed")})
 
 
 def cmd_lottery(args: argparse.Namespace) -> int:
+    from ..experiments.lottery import lottery
+
     run = open_run(getattr(args, "from"))
     if not (run.dir / "init.pt").exists():
         raise ValueError(f"{run.dir} has no init.pt to rewind to")
-    ticket = run.mask(args.epoch)
-    density = ticket.density()
     base = _ticket_config(run, args)
-    folder = run.dir / "tickets" / f"epoch{args.epoch}"
-    folder.mkdir(parents=True, exist_ok=True)
+    result = lottery(run.dir, run.mask(args.epoch), args.epoch, base, seed=args.seed or 0,
+                     imp_rounds=args.imp_rounds)
+    labels = {"gamma": f"Γ ticket (epoch {args.epoch})",
+              "random": "random (same per-layer density)",
+              "imp": f"IMP ({args.imp_rounds} rounds, rewind to init)", "dense": "dense (no mask)"}
     rows = [["method", "density", "best acc", "final acc"]]
-    record = []
-    entries = [(f"Γ ticket (epoch {args.epoch})", ticket),
-               ("random (same per-layer density)", Mask.random_like(ticket, seed=args.seed or 0))]
-    for label, mask in entries:
-        slug = "gamma" if label.startswith("Γ") else "random"
-        s = _retrain(base, slug, mask, folder)
-        best, final = _best(s)
-        rows.append([label, f"{100 * mask.density():.2f}%", f"{best:.2f}", f"{final:.2f}"])
-        record.append({"method": slug, "density": mask.density(), "best_acc": best,
-                       "final_acc": final, "run": s["run"]})
-    if args.imp_rounds:
-        mask, s = _imp(base, list(ticket.masks), density, args.imp_rounds, folder)
-        best, final = _best(s)
-        rows.append([f"IMP ({args.imp_rounds} rounds, rewind to init)",
-                     f"{100 * mask.density():.2f}%", f"{best:.2f}", f"{final:.2f}"])
-        record.append({"method": "imp", "density": mask.density(), "best_acc": best,
-                       "final_acc": final, "run": s["run"], "rounds": args.imp_rounds})
-    dense = _retrain(base, "dense", None, folder)
-    best, final = _best(dense)
-    rows.append(["dense (no mask)", "100.00%", f"{best:.2f}", f"{final:.2f}"])
-    record.append({"method": "dense", "density": 1.0, "best_acc": best, "final_acc": final,
-                   "run": dense["run"]})
+    rows += [[labels[r["method"]], f"{100 * r['density']:.2f}%", f"{r['best_acc']:.2f}",
+              f"{r['final_acc']:.2f}"] for r in result.records]
     text = _table(rows)
     print(text)
-    (folder / "lottery.json").write_text(json.dumps(record, indent=2))
-    (folder / "lottery.md").write_text(
-        f"Retrained with {base.optimizer}, lr {base.lr}, {base.epochs} epochs, from "
-        f"{base.init_from}\n\n" + text + "\n")
+    print(f"results in {result.folder}")
+    (result.folder / "lottery.md").write_text(
+        f"Retrained with {base.optimizer}, lr {base.lr:g}, {base.epochs} epochs, seed "
+        f"{base.seed}, from {base.init_from}\n\n" + text + "\n")
     return 0
 
 
 def cmd_imp(args: argparse.Namespace) -> int:
+    from ..experiments.lottery import best_and_final, branch_dir, imp
+
     run = open_run(getattr(args, "from"))
     base = _ticket_config(run, args)
     names = list(run.support_file()["masks"]) if (run.dir / "masks.pt").exists() else [
         n for n, p in run.checkpoint()["model"].items() if p.ndim >= 2]
-    folder = run.dir / "imp"
-    mask, s = _imp(base, names, args.density, args.rounds, folder)
-    best, final = _best(s)
+    folder = branch_dir(run.dir, "imp", base, density=args.density, rounds=args.rounds)
+    mask, s = imp(base, names, args.density, args.rounds, folder)
+    best, final = best_and_final(s)
     print(_table([["rounds", "density", "best acc", "final acc"],
                   [str(args.rounds), f"{100 * mask.density():.2f}%", f"{best:.2f}",
                    f"{final:.2f}"]]))
     mask.save(folder / "imp_final.mask.pt")
+    print(f"results in {folder}")
     return 0
 
 
@@ -249,9 +183,9 @@ def cmd_imp(args: argparse.Namespace) -> int:
 def cmd_grow(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .cli import config_from_args
-    from .config import load_config_file
-    from .grow import GrowConfig, grow
+    from ..experiments.growing import GrowConfig, grow
+    from ..training.config import load_config_file
+    from .options import config_from_args
 
     file_keys = {str(k).replace("-", "_") for k in load_config_file(args.config)} \
         if args.config else set()
@@ -342,7 +276,7 @@ def register(sub: Any) -> None:
     im.add_argument("--rounds", type=int, default=3)
     im.set_defaults(func=cmd_imp)
 
-    from .cli import add_config_arguments
+    from .options import add_config_arguments
 
     gr = sub.add_parser("grow", help="start a narrow VGG / ResNet and widen the layers whose "
                         "selected fraction exceeds τ (journal version)")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .sparsity import Mask, unwrap
+from ..sparsity.masks import Mask, unwrap
 
 log = logging.getLogger(__name__)
 

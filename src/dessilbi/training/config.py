@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS, DEBIAN_FASHION_MNIST
-from .models import MODELS
-from .optimizers import OPTIMIZERS, OptimizerConfig
+from ..core.optimizers import OPTIMIZERS, OptimizerConfig
+from ..zoo.data import DATASETS, DEBIAN_FASHION_MNIST
+from ..zoo.models import MODELS
 
 __all__ = ["TrainConfig", "ConfigError", "load_config_file", "resolve_default_dataset"]
 

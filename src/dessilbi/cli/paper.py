@@ -15,7 +15,7 @@ DEFAULT_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 def _overrides(items: list[str]) -> dict[str, Any]:
     import yaml
 
-    from .config import ConfigError
+    from ..training.config import ConfigError
 
     out = {}
     for item in items:
@@ -27,8 +27,8 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _tables(args: argparse.Namespace) -> list[Any]:
-    from .config import ConfigError
-    from .reproduce import find_tables, load_table
+    from ..paper.reproduce import find_tables, load_table
+    from ..training.config import ConfigError
 
     root = Path(args.configs)
     if not root.is_dir():
@@ -42,7 +42,7 @@ def _tables(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import report_table, run_table
+    from ..paper.reproduce import report_table, run_table
 
     over = _overrides(args.set)
     for spec in _tables(args):
@@ -52,14 +52,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             for p in report_table(spec, args.budget, args.runs_dir, args.out, over):
                 print(f"  wrote {p}")
     if not args.no_report:
-        from .reproduce import write_index
+        from ..paper.reproduce import write_index
 
         print(f"  wrote {write_index(args.out)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .reproduce import report_table, write_index
+    from ..paper.reproduce import report_table, write_index
 
     over = _overrides(args.set)
     for spec in _tables(args):
@@ -70,7 +70,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_models
+    from ..experiments.bench import bench_models
 
     rows = bench_models(args.models, batch_size=args.batch_size, steps=args.steps,
                         device=args.device, image=(args.channels, args.image_size))

@@ -1,0 +1,85 @@
+"""Command-line options generated from :class:`TrainConfig`'s fields, with a help text each."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from ..training.config import TrainConfig, load_config_file
+
+__all__ = ["add_config_arguments", "config_from_args"]
+
+
+_HELP = {
+    "model": "network (lenet3, lenet5, conv2/4/6, vgg16_bn, resnet20/32/56/110, alexnet, "
+             "resnet18, resnet50)",
+    "dataset": "default (fashion-mnist if found, else digits), mnist, fashion-mnist, cifar10, "
+               "cifar100, imagenet, digits, synthetic",
+    "optimizer": "dessilbi or a baseline: sgd, sgd-momentum, sgd-momentum-wd, nesterov, adam, "
+                 "adamw, adagrad, amsgrad, radam, adabound",
+    "kappa": "κ: damping; every step is scaled by κ",
+    "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster); "
+          "default: lr·κ·steps/20, from the number of steps of the run",
+    "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
+                      "and the number of steps)",
+    "select_at": "with --target-density: when the support reaches the target, as a fraction "
+                 "of the run (default 0.5)",
+    "freeze": "with --target-density: fix the mask at selection and train the subnetwork for "
+              "the rest of the run (--no-freeze: the pure path)",
+    "keep_classifier": "leave the layer that produces the outputs unpenalised",
+    "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
+                      "as in the paper's LeNet tables) or none",
+    "lambda_": "λ: prox threshold",
+    "lambda_conv": "λ for conv layers (default: --lambda)",
+    "schedule": "none, multistep (with --milestones), cosine, step (with --step-size)",
+    "amp": "none, bf16 or fp16 (fp16 needs CUDA)",
+    "fused": "compiled DessiLBI update (fastest for long runs; compiles on the first step)",
+    "max_train_batches": "truncate every epoch to this many batches (0: whole epoch)",
+    "path_every": "record the solution path every N epochs (0: never)",
+    "name": "run folder name under --runs-dir (default: derived from the configuration)",
+}
+
+
+def arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return arg_type(inner[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return inner, {"nargs": "*"}
+    if tp is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return tp, {}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field (default None = not given)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.rstrip("_").replace("_", "-")
+        tp, extra = arg_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": _HELP.get(f.name, f.name.replace("_", " ")), **extra}
+        if tp is not None:
+            kwargs["type"] = tp
+            kwargs["metavar"] = f.name.rstrip("_").upper()
+        p.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data.update(load_config_file(args.config))
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            data[f.name] = v
+    data.update(extra or {})  # a sweep's grid point wins over the shared options
+    return TrainConfig.from_dict(data, source=str(getattr(args, "config", None) or "options"))
+
+
+# ------------------------------------------------------------------------------- commands

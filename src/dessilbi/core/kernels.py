@@ -1,0 +1,81 @@
+"""The per-tensor and multi-tensor kernels of one DessiLBI step (the formula: :mod:`.optim`).
+
+``single_tensor`` loops over the tensors; ``multi_tensor`` does the same arithmetic with
+``torch._foreach_*`` calls on tensors of one device and dtype (``group_by_device_dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from .prox import prox
+
+
+def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return list(groups.values())
+
+
+def single_tensor(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+    vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
+    lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
+    weight_decay: float,
+) -> None:
+    step = lr * kappa
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if weight_decay != 0.0:
+            g = g.add(w, alpha=weight_decay)
+        if momentum != 0.0:
+            b = bufs[i]
+            if b is None:
+                b = torch.clone(g).detach()
+                bufs[i] = b
+            else:
+                b.mul_(momentum).add_(g, alpha=1.0 - dampening)
+            d = g.add(b, alpha=momentum) if nesterov else b
+        else:
+            d = g
+        if penalty != "none" and nu != math.inf:
+            v = vs[i]
+            assert v is not None
+            # diff = W − Γ with the values before this step; it drives both V and W.
+            diff = prox(v, penalty, lambda_, group_norm).mul_(-kappa).add_(w)
+            v.add_(diff, alpha=lr / nu)
+            w.add_(diff, alpha=-step / nu)
+        w.add_(d, alpha=-step)
+
+
+def multi_tensor(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+    vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
+    lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
+    weight_decay: float,
+) -> None:
+    step = lr * kappa
+    if weight_decay != 0.0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0.0:
+        old = [i for i, b in enumerate(bufs) if b is not None]
+        if old:
+            old_bufs = [bufs[i] for i in old]
+            torch._foreach_mul_(old_bufs, momentum)
+            torch._foreach_add_(old_bufs, [grads[i] for i in old], alpha=1.0 - dampening)
+        for i, b in enumerate(bufs):
+            if b is None:
+                bufs[i] = torch.clone(grads[i]).detach()
+        d = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    else:
+        d = grads
+    if penalty != "none" and nu != math.inf:
+        gam = [prox(v, penalty, lambda_, group_norm) for v in vs]
+        diff = torch._foreach_sub(params, gam, alpha=kappa)
+        torch._foreach_add_(vs, diff, alpha=lr / nu)
+        torch._foreach_add_(params, diff, alpha=-step / nu)
+    torch._foreach_add_(params, d, alpha=-step)

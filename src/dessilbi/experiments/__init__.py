@@ -1,0 +1,1 @@
+"""Experiments built on training runs: lottery tickets, IMP, growing, timing benchmarks."""

@@ -1,0 +1,1 @@
+"""Training runs: configuration, the run folder, the loop and its checkpoints."""

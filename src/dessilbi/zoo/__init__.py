@@ -1,0 +1,1 @@
+"""The networks and datasets the command line knows by name."""
