@@ -54,6 +54,21 @@ def test_sweep_runs_missing_and_reuses(tmp_path, capsys):
     assert all((p / "summary.json").stat().st_mtime == t for p, t in mtimes.items())
 
 
+def test_sweep_twice_on_the_default_dataset(tmp_path, monkeypatch, capsys):
+    """The default dataset is resolved before the grid point is named (was: KeyError)."""
+    monkeypatch.setattr("dessilbi.training.config.DEBIAN_FASHION_MNIST", tmp_path / "none")
+    args = ["sweep", "--model", "lenet3", "--epochs", "1", "--max-train-batches", "2",
+            "--data-dir", str(tmp_path / "data"), "--no-progress", "--no-tensorboard",
+            "--runs-dir", str(tmp_path / "runs"), "--grid", "nu=5", "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("digits_lenet3_")
+    first = (run / "summary.json").read_text()
+    assert main(args) == 0
+    assert (run / "summary.json").read_text() == first
+    assert json.loads((tmp_path / "s").read_text())[0]["run"] == str(run)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

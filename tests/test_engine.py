@@ -33,6 +33,24 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_of_a_finished_run_reads_it_back(tmp_path):
+    c = cfg(tmp_path, epochs=1)
+    summary = train(c)
+    files = {f.name: f.read_bytes() for f in c.run_dir().iterdir() if f.is_file()}
+    assert summary["final"]
+    assert train(c, resume=True) == summary
+    assert {f.name: f.read_bytes() for f in c.run_dir().iterdir() if f.is_file()} == files
+
+
+def test_the_config_is_never_mutated(tmp_path):
+    c = cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
+            max_train_batches=1)
+    before = c.to_dict()
+    summary = train(c)
+    assert c.to_dict() == before
+    assert summary["run"] == str(c.resolved()[0].run_dir())
+
+
 def test_end_to_end_run_folder(tmp_path):
     c = cfg(tmp_path, tensorboard=True)
     summary = train(c)

@@ -67,3 +67,13 @@ def test_grow_command(tmp_path, capsys):
     assert "widths:" in out
     lines = (tmp_path / "g" / "grow.jsonl").read_text().splitlines()
     assert len(lines) >= 2 and (tmp_path / "g" / "grown_model.pt").exists()
+
+
+def test_every_growing_option_names_the_folder():
+    from dessilbi.experiments.growing import GrowConfig
+    from dessilbi.training.config import TrainConfig
+
+    cfg = TrainConfig(dataset="synthetic")
+    names = {GrowConfig(tau=t, grow_every=e, max_stages=m, finetune_epochs=f).folder_name(cfg)
+             for t in (0.1, 0.8) for e in (1, 2) for m in (3, 10) for f in (0, 5)}
+    assert len(names) == 16

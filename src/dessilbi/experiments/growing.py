@@ -42,6 +42,11 @@ class GrowConfig:
     max_stages: int = 10
     finetune_epochs: int = 5
 
+    def folder_name(self, cfg: TrainConfig) -> str:
+        """Every growing option and the training run's name: two schedules never share."""
+        return (f"grow_tau{self.tau:g}_every{self.grow_every}_stages{self.max_stages}"
+                f"_ft{self.finetune_epochs}_{cfg.resolved()[0].run_name()}")
+
     def validate(self) -> GrowConfig:
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"invalid tau={self.tau!r}: must be in (0, 1]")
@@ -68,7 +73,7 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
         raise ValueError("invalid optimizer: growing follows the Γ support, use dessilbi")
     b = build(cfg)
     model, opt, device = b.model, b.optimizer, b.device
-    run_dir = Path(cfg.runs_dir) / (cfg.name or f"grow_{cfg.run_name()}")
+    run_dir = Path(cfg.runs_dir) / (cfg.name or gcfg.folder_name(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "grow.jsonl"
     log_path.write_text("")

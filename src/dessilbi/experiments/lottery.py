@@ -59,10 +59,7 @@ def retrain(base: TrainConfig, name: str, mask: Mask | None, folder: Path) -> di
         if not path.exists():
             mask.save(path)
         cfg.mask = str(path)
-    done = cfg.run_dir() / "summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    return train(cfg, resume=True)
+    return train(cfg, resume=True)  # a finished retrain is read back
 
 
 def imp(base: TrainConfig, names: list[str], target: float, rounds: int, folder: Path,

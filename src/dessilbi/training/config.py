@@ -143,6 +143,14 @@ class TrainConfig:
         return self
 
     # ------------------------------------------------------------------ derived
+    def resolved(self) -> tuple[TrainConfig, str]:
+        """A copy with everything that depends on the machine decided (``dataset="default"``),
+        and a note saying what was chosen; names and hashes are taken from the resolved copy."""
+        if self.dataset != "default":
+            return self, ""
+        dataset, note = resolve_default_dataset(self.data_dir)
+        return dataclasses.replace(self, dataset=dataset), note
+
     def optimizer_config(self) -> OptimizerConfig:
         names = {f.name for f in fields(OptimizerConfig)} - {"name"}
         return OptimizerConfig(name=self.optimizer,

@@ -54,7 +54,7 @@ from ..structure.prune import prune_model
 from ..zoo.data import DataInfo, TensorImageDataset, load_dataset
 from ..zoo.models import create_model
 from .checkpoint import rng_state, set_rng_state
-from .config import ConfigError, TrainConfig, resolve_default_dataset
+from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +189,7 @@ class Built:
 def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
     """Data, model (seeded), optimizer and scheduler of ``cfg``; the dataset resolved."""
     d = d or Dist()
-    cfg.validate()
-    note = ""
-    if cfg.dataset == "default":
-        cfg.dataset, note = resolve_default_dataset(cfg.data_dir)
+    cfg, note = cfg.validate().resolved()
     device = _device(cfg.device, d)
     train_set, test_set, info = load_dataset(
         cfg.dataset, cfg.data_dir, download=cfg.download,
@@ -245,6 +242,20 @@ def _fixed_mask(cfg: TrainConfig, model: nn.Module) -> list[tuple[Tensor, Tensor
     return [(params[n], m.to(params[n].device, params[n].dtype)) for n, m in mask.masks.items()]
 
 
+def finished_summary(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The summary of a run that has trained ``epochs`` epochs (or more), or None: absent,
+    partial, unreadable, or shorter (resuming it with more epochs extends it)."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not summary.get("final"):
+        return None
+    done = summary["final"].get("epoch", summary.get("config", {}).get("epochs", 0))
+    return summary if isinstance(done, int) and done >= epochs else None
+
+
 def _write_json_line(path: Path, obj: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
@@ -265,10 +276,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     d = Dist.from_env()
     if d.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    b = build(cfg, d)
-    model, opt, sched, device = b.model, b.optimizer, b.scheduler, b.device
+    cfg = cfg.validate().resolved()[0]
     run_dir = cfg.run_dir()
     ckpt_path = run_dir / CHECKPOINT
+    if resume and (done := finished_summary(run_dir, cfg.epochs)) is not None:
+        return done  # a finished run is read back, never rewritten
+    b = build(cfg, d)
+    model, opt, sched, device = b.model, b.optimizer, b.scheduler, b.device
     if d.main and (run_dir / "summary.json").exists() and not resume and not overwrite:
         raise RunExistsError(f"run {run_dir} already finished; pass --resume to reuse it or "
                              "--overwrite to train it again")
