@@ -16,8 +16,10 @@ import time
 import torch
 from torch import nn
 
+from dessilbi.training.batches import batches as _batches
+from dessilbi.training.batches import epoch_indices
+from dessilbi.training.build import build
 from dessilbi.training.config import TrainConfig
-from dessilbi.training.engine import _batches, build, epoch_indices
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from dessilbi.core.target import SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters
 from dessilbi.sparsity.masks import Mask
 from dessilbi.structure.prune import count_cost, prune_model
-from dessilbi.training.engine import epoch_indices
+from dessilbi.training.batches import epoch_indices
 from dessilbi.zoo.data import load_dataset
 from dessilbi.zoo.models import create_model
 

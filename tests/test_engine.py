@@ -10,9 +10,10 @@ import torch
 import torch.multiprocessing as mp
 
 from dessilbi.files import load_checkpoint
-from dessilbi.training import engine
+from dessilbi.training import batches as feed
+from dessilbi.training.batches import epoch_indices
 from dessilbi.training.config import TrainConfig
-from dessilbi.training.engine import NonFiniteLossError, RunExistsError, epoch_indices, train
+from dessilbi.training.engine import NonFiniteLossError, RunExistsError, train
 
 
 def cfg(tmp_path, **kw):
@@ -106,7 +107,7 @@ def test_ctrl_c_mid_epoch_then_resume(tmp_path, monkeypatch):
     full = cfg(tmp_path / "full", epochs=3)
     train(full)
     c = cfg(tmp_path / "int", epochs=3)
-    real = engine._batches
+    real = feed.batches
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -117,12 +118,12 @@ def test_ctrl_c_mid_epoch_then_resume(tmp_path, monkeypatch):
             yield batch
             del i
 
-    monkeypatch.setattr(engine, "_batches", interrupting)
+    monkeypatch.setattr(feed, "batches", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(c)
     ck = load_checkpoint(c.run_dir() / "checkpoint.pt")
     assert (ck["epoch"], ck["batch"]) == (1, 2)  # 8 train + 2 eval calls in epoch 1
-    monkeypatch.setattr(engine, "_batches", real)
+    monkeypatch.setattr(feed, "batches", real)
     train(c, resume=True)
     assert_same(weights(full.run_dir()), weights(c.run_dir()))
 
@@ -154,13 +155,13 @@ def test_kill_9_then_resume(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     good = cfg(tmp_path, epochs=1, name="run")
     train(good)
-    real = engine._batches
+    real = feed.batches
 
     def poisoned(*args, **kwargs):
         for x, y in real(*args, **kwargs):
             yield torch.full_like(x, float("nan")), y
 
-    monkeypatch.setattr(engine, "_batches", poisoned)
+    monkeypatch.setattr(feed, "batches", poisoned)
     with pytest.raises(NonFiniteLossError, match="NaN/Inf"):
         train(cfg(tmp_path, epochs=3, name="run"), resume=True)
     ck = load_checkpoint(good.run_dir() / "checkpoint.pt")
@@ -218,7 +219,7 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
 
 def test_rewinding_restores_initial_weights_exactly(tmp_path):
     from dessilbi.sparsity.masks import Mask
-    from dessilbi.training.engine import build
+    from dessilbi.training.build import build
 
     src = cfg(tmp_path / "src", epochs=1)
     train(src)
@@ -254,7 +255,7 @@ def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
     whole = cfg(tmp_path / "a", **kw)
     train(whole)
     c = cfg(tmp_path / "b", **kw)
-    real = engine._batches
+    real = feed.batches
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -264,10 +265,10 @@ def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(engine, "_batches", interrupting)
+    monkeypatch.setattr(feed, "batches", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(c)
-    monkeypatch.setattr(engine, "_batches", real)
+    monkeypatch.setattr(feed, "batches", real)
     train(c, resume=True)
     assert_same(weights(whole.run_dir()), weights(c.run_dir()))
     a = load_checkpoint(whole.run_dir() / "checkpoint.pt")["optimizer"]["state"]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dessilbi import DessiLBI, lbi_param_groups
@@ -77,3 +78,18 @@ def test_every_growing_option_names_the_folder():
     names = {GrowConfig(tau=t, grow_every=e, max_stages=m, finetune_epochs=f).folder_name(cfg)
              for t in (0.1, 0.8) for e in (1, 2) for m in (3, 10) for f in (0, 5)}
     assert len(names) == 16
+
+
+def test_growing_follows_the_schedule(tmp_path):
+    """Growing trains through the shared loop: the lr schedule runs across stages."""
+    from dessilbi.experiments.growing import GrowConfig, grow
+    from dessilbi.training.config import TrainConfig
+
+    cfg = TrainConfig(model="conv2", dataset="synthetic", synthetic_size=[64, 1, 28, 10],
+                      batch_size=32, nu=0.5, lambda_conv=0.01, lr=0.05, schedule="multistep",
+                      milestones=[1, 2], runs_dir=str(tmp_path), progress=False,
+                      tensorboard=False)
+    out = grow(cfg, GrowConfig(tau=1e-6, grow_every=1, max_stages=3, finetune_epochs=1))
+    lrs = [s["lr"] for s in out["stages"] if s["stage"] != "final"]
+    assert lrs == pytest.approx([0.005, 0.0005, 0.0005][: len(lrs)])
+    assert len(lrs) >= 2 and out["stages"][-1]["epoch"] == len(lrs) + 1

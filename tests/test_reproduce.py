@@ -7,7 +7,7 @@ from dessilbi.cli.main import main
 from dessilbi.paper.reproduce import KINDS, expand_runs, find_tables, load_table
 from dessilbi.training.config import ConfigError
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "paper"
+CONFIGS = Path(__file__).parent.parent / "src" / "dessilbi" / "paper" / "tables"
 
 EXPECTED_COLUMNS = {
     "compare": ["best acc", "final acc", "Sparse acc (final)", "density (final)"],
@@ -68,23 +68,46 @@ def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
 
 
 def test_a_diverging_run_is_reported_not_fatal(tmp_path, monkeypatch):
-    from dessilbi.training import engine
+    from dessilbi.training import batches as feed
 
     cfgfile = tmp_path / "t.yaml"
     cfgfile.write_text(
         "table: TX\ntitle: x\nkind: sweep_best\nrows: lr\nbudgets:\n  cpu:\n    note: n\n"
         "    base: {model: lenet3, dataset: synthetic, synthetic_size: [64, 1, 28, 10], "
         "epochs: 1, batch_size: 32, tensorboard: false}\n    grid: {lr: [0.1, 0.05]}\n")
-    real = engine._batches
+    real = feed.batches
 
     def poisoned(dataset, indices, batch_size, workers, pin):
         for x, y in real(dataset, indices, batch_size, workers, pin):
             yield (x * float("nan") if batch_size == 32 else x), y
 
-    monkeypatch.setattr(engine, "_batches", poisoned)
+    monkeypatch.setattr(feed, "batches", poisoned)
     spec = load_table(cfgfile)
     from dessilbi.paper.reproduce import report_table, run_table
 
     run_table(spec, "cpu", str(tmp_path / "runs"))
     md, csv_path = report_table(spec, "cpu", str(tmp_path / "runs"), tmp_path / "out")[:2]
     assert md.read_text().count("diverged (NaN/Inf loss)") == 2
+
+
+def test_table_configs_ship_in_the_wheel(tmp_path):
+    """A plain `pip install .` carries the table configs that reproduce / report read."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(root)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("dessilbi-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    assert {f"dessilbi/paper/tables/t{i}.yaml" for i in range(1, 11)} <= shipped
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    listed = subprocess.run(
+        [sys.executable, "-c", "from dessilbi.cli.paper import DEFAULT_CONFIGS as d; "
+         "print(d); print(sorted(p.name for p in d.glob('*.yaml')))"],
+        check=True, capture_output=True, text=True, env={"PYTHONPATH": str(site)}, cwd=tmp_path)
+    where, names = listed.stdout.splitlines()
+    assert where.startswith(str(site)) and "t10.yaml" in names

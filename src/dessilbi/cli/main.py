@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..core.optim import DessiLBI
     from ..sparsity.masks import applied_masks, layer_report, named_masks, named_penalties
-    from ..training.engine import evaluate
+    from ..training.batches import evaluate
     from ..training.runs import open_run
 
     run = open_run(args.checkpoint)

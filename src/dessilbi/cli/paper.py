@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["register"]
 
-DEFAULT_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
+DEFAULT_CONFIGS = Path(__file__).resolve().parents[1] / "paper" / "tables"  # package data
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def register(sub: Any) -> None:
         p.add_argument("--runs-dir", default="runs/paper")
         p.add_argument("--out", default="docs/results")
         p.add_argument("--configs", default=str(DEFAULT_CONFIGS),
-                       help="folder of table configs (default: the repository's configs/paper)")
+                       help="folder of table configs (default: the ones shipped with dessilbi)")
         p.add_argument("--set", action="append", default=[],
                        help="override a training option of every run, e.g. --set epochs=2")
         if name == "reproduce":

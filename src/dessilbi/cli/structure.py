@@ -82,7 +82,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- prune
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..structure.prune import cpu_latency, export_onnx, prune_model
-    from ..training.engine import evaluate
+    from ..training.batches import evaluate
 
     run = open_run(args.run)
     b = run.build(device="cpu")

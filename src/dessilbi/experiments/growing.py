@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..core.optimizers import create_optimizer
 from ..structure.grow import (
@@ -62,44 +61,50 @@ def _architecture(growables: list[Growable]) -> dict[str, int]:
     return {g.name: g.conv.out_channels for g in growables}
 
 
+class _Report:
+    """Tells the caller (a progress bar) after every epoch."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+
+    def on_epoch_end(self, loop: Any, metrics: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress(loop.epoch)
+
+
 def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, Any]:
-    """Grow a narrow network with DessiLBI; returns the per-stage log (also in grow.jsonl)."""
+    """Grow a narrow network with DessiLBI; returns the per-stage log (also in grow.jsonl).
+
+    Training goes through the same loop as ``dessilbi train`` (schedule, AMP, NaN guard); the
+    schedule runs over the epochs of every stage and the fine-tuning, uninterrupted by growing.
+    """
     from ..files import save_checkpoint
     from ..sparsity.masks import Mask
-    from ..training.engine import _batches, build, epoch_indices, evaluate
+    from ..training.batches import evaluate
+    from ..training.build import Dist, build
+    from ..training.callbacks import NonFiniteGuard
+    from ..training.engine import amp_dtype, grad_scaler
+    from ..training.loop import Loop, fit
 
     gcfg.validate()
     if cfg.optimizer != "dessilbi":
         raise ValueError("invalid optimizer: growing follows the Γ support, use dessilbi")
+    cfg = cfg.resolved()[0]
     b = build(cfg)
-    model, opt, device = b.model, b.optimizer, b.device
+    model, device = b.model, b.device
     run_dir = Path(cfg.runs_dir) / (cfg.name or gcfg.folder_name(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "grow.jsonl"
     log_path.write_text("")
     example = torch.stack([b.test_set[0][0]]).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    epoch, stages = 0, []
-
-    def train_epochs(n: int) -> None:
-        nonlocal epoch
-        for _ in range(n):
-            model.train()
-            idx = epoch_indices(len(b.train_set), cfg.seed, epoch)
-            if cfg.max_train_batches:
-                idx = idx[: cfg.max_train_batches * cfg.batch_size]
-            for x, y in _batches(b.train_set, idx, cfg.batch_size, 0, False):
-                x, y = x.to(device), y.to(device)
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            epoch += 1
-            if progress is not None:
-                progress(epoch)
+    loop = Loop(cfg, b, model, grad_scaler(cfg, b), amp_dtype(cfg, b), Dist(), run_dir)
+    callbacks = [NonFiniteGuard(cfg.log_every, log_path), _Report(progress)]
+    stages = []
 
     for stage in range(gcfg.max_stages):
-        train_epochs(gcfg.grow_every)
+        fit(loop, callbacks, until=loop.epoch + gcfg.grow_every)
+        opt = loop.built.optimizer
         growables = find_growable(model, example)
         fractions = {g.name: selected_fraction(opt, g.conv) for g in growables}
         full = evaluate(model, b.test_set, device)
@@ -107,27 +112,21 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
         with mask.applied(model):
             sparse = evaluate(model, b.test_set, device)
         to_grow = [g for g in growables if fractions[g.name] > gcfg.tau]
-        record = {"stage": stage, "epoch": epoch, "architecture": _architecture(growables),
+        record = {"stage": stage, "epoch": loop.epoch, "lr": opt.param_groups[0]["lr"],
+                  "architecture": _architecture(growables),
                   "selected_fraction": fractions, "full_acc": full, "sparse_acc": sparse,
                   "density": mask.density(), "params": sum(p.numel() for p in model.parameters()),
                   "grown": {g.name: grown_size(g.conv.out_channels) for g in to_grow}}
         stages.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("stage %d (epoch %d): full %.2f%%, sparse %.2f%%, growing %s", stage, epoch,
-                 full, sparse, record["grown"] or "nothing")
+        log.info("stage %d (epoch %d): full %.2f%%, sparse %.2f%%, growing %s", stage,
+                 loop.epoch, full, sparse, record["grown"] or "nothing")
         if not to_grow:
             break
-        old_names = {id(p): n for n, p in model.named_parameters()}
-        old_opt = opt
-        for g in to_grow:
-            grow_layer(g, grown_size(g.conv.out_channels), gen)
-        # the grown network keeps the ν the run started with (derived from its length)
-        ocfg = dataclasses.replace(cfg.optimizer_config(), nu=old_opt.param_groups[0].get("nu"))
-        opt = create_optimizer(ocfg, model)
-        transfer_state(old_opt, old_names, opt, model)
-    train_epochs(gcfg.finetune_epochs)
-    final = {"stage": "final", "epoch": epoch,
+        loop.built = _grown(cfg, loop.built, to_grow, gen)
+    fit(loop, callbacks, until=loop.epoch + gcfg.finetune_epochs)
+    final = {"stage": "final", "epoch": loop.epoch,
              "architecture": _architecture(find_growable(model, example)),
              "full_acc": evaluate(model, b.test_set, device),
              "params": sum(p.numel() for p in model.parameters())}
@@ -135,6 +134,26 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
     with open(log_path, "a") as f:
         f.write(json.dumps(final) + "\n")
     torch.save(model, run_dir / "grown_model.pt")
-    save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict()},
+    save_checkpoint({"model": model.state_dict(), "optimizer": loop.built.optimizer.state_dict()},
                     run_dir / "grown_state.pt")
     return {"run": str(run_dir), "stages": stages}
+
+
+def _grown(cfg: TrainConfig, b: Any, to_grow: list[Growable], gen: torch.Generator) -> Any:
+    """Widen ``to_grow`` and return the run's parts with an optimizer over the wider network
+    (state carried over) and the schedule continuing where it was."""
+    from ..training.build import make_scheduler
+
+    model, old = b.model, b.optimizer
+    old_names = {id(p): n for n, p in model.named_parameters()}
+    for g in to_grow:
+        grow_layer(g, grown_size(g.conv.out_channels), gen)
+    # the grown network keeps the ν the run started with (derived from its length)
+    ocfg = dataclasses.replace(cfg.optimizer_config(), nu=old.param_groups[0].get("nu"))
+    opt = create_optimizer(ocfg, model)
+    transfer_state(old, old_names, opt, model)
+    for group in opt.param_groups:  # the current lr, not the initial one
+        group["lr"] = old.param_groups[0]["lr"]
+    sched = make_scheduler(cfg, opt)
+    sched.load_state_dict(b.scheduler.state_dict())
+    return dataclasses.replace(b, optimizer=opt, scheduler=sched)

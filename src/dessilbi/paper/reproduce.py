@@ -1,6 +1,7 @@
 """Regenerate the paper's tables: configs → runs (resumable) → reports read from run folders.
 
-A table config (``configs/paper/<table>.yaml``) names a *kind* (how the table is built) and, per
+A table config (``dessilbi/paper/tables/<table>.yaml``, shipped with the package) names a
+*kind* (how the table is built) and, per
 budget (``full``: the paper's scale; ``cpu``: a stated reduction on offline data), the base
 training options and the grid of runs::
 

@@ -33,7 +33,7 @@ class Run:
 
     def build(self, device: str | None = None) -> Any:
         """Data, model and optimizer of the run with the checkpoint's state loaded."""
-        from .engine import build
+        from .build import build
 
         cfg = TrainConfig.from_dict(self.cfg.to_dict())
         if device:
