@@ -43,6 +43,19 @@ def test_resume_of_a_finished_run_reads_it_back(tmp_path):
     assert {f.name: f.read_bytes() for f in c.run_dir().iterdir() if f.is_file()} == files
 
 
+def test_resume_drops_a_torn_metrics_line(tmp_path):
+    ref = cfg(tmp_path / "ref", epochs=2)
+    train(ref)
+    c = cfg(tmp_path / "c", epochs=1)
+    train(c)
+    with open(c.run_dir() / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # killed while writing epoch 2's line
+    train(cfg(tmp_path / "c", epochs=2, name=c.run_name()), resume=True)
+    lines = (c.run_dir() / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert_same(weights(ref.run_dir()), weights(c.run_dir()))
+
+
 def test_the_config_is_never_mutated(tmp_path):
     c = cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
             max_train_batches=1)

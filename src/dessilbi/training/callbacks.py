@@ -168,7 +168,7 @@ class MetricsFile:
         path = loop.run_dir / METRICS
         if loop.dist.main and path.exists():
             keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("epoch", 0) <= loop.epoch]
+                    if _epoch_of(ln) is not None and _epoch_of(ln) <= loop.epoch]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def on_epoch_end(self, loop: Loop, m: dict[str, Any]) -> None:
@@ -178,6 +178,14 @@ class MetricsFile:
             f.write(json.dumps(m) + "\n")
             f.flush()
         log.info(metrics_line(m))
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line; None for a blank or torn one (a crash mid-write)."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def metrics_line(m: dict[str, Any]) -> str:
