@@ -56,6 +56,66 @@ def test_resume_drops_a_torn_metrics_line(tmp_path):
     assert_same(weights(ref.run_dir()), weights(c.run_dir()))
 
 
+def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, capsys):
+    from filelock import FileLock
+
+    from dessilbi.cli.main import main
+
+    c = cfg(tmp_path, epochs=1)
+    c.run_dir().mkdir(parents=True)
+    with FileLock(c.run_dir() / ".lock"):  # another process is training there
+        code = main(["train", "--model", "lenet3", "--dataset", "synthetic",
+                     "--synthetic-size", "256", "1", "28", "10", "--epochs", "1",
+                     "--batch-size", "32", "--nu", "2", "--lambda", "0.3",
+                     "--linear-penalty", "lasso", "--no-keep-classifier", "--no-progress",
+                     "--no-tensorboard", "--runs-dir", str(tmp_path)])
+    assert code == 2
+    assert "being trained by another process" in capsys.readouterr().err
+    assert not (c.run_dir() / "metrics.jsonl").exists()
+    train(c)  # free again
+    assert not list(c.run_dir().glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_an_unreadable_checkpoint_falls_back_to_prev(tmp_path):
+    ref = cfg(tmp_path / "ref", epochs=3)
+    train(ref)
+    c = cfg(tmp_path / "c", epochs=2)
+    train(c)  # checkpoint.pt = epoch 2, checkpoint.pt.prev = epoch 1
+    (c.run_dir() / "summary.json").unlink()
+    (c.run_dir() / "checkpoint.pt").write_bytes(b"torn")
+    train(cfg(tmp_path / "c", epochs=3, name=c.run_name()), resume=True)
+    lines = (c.run_dir() / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert_same(weights(ref.run_dir()), weights(c.run_dir()))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_a_step_stops_at_the_step_boundary(tmp_path, monkeypatch, signum):
+    """The step in flight completes and is counted: resuming never applies a batch twice."""
+    from dessilbi import DessiLBI
+
+    full = cfg(tmp_path / "full", epochs=2)
+    train(full)
+    c = cfg(tmp_path / "c", epochs=2)
+    real, calls = DessiLBI.step, {"n": 0}
+
+    def step_then_signal(self, closure=None):
+        out = real(self, closure)
+        calls["n"] += 1
+        if calls["n"] == 11:  # epoch 2 (8 batches an epoch), inside the optimizer step
+            signal.raise_signal(signum)
+        return out
+
+    monkeypatch.setattr(DessiLBI, "step", step_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        train(c)
+    ck = load_checkpoint(c.run_dir() / "checkpoint.pt")
+    assert (ck["epoch"], ck["batch"]) == (1, 3)
+    monkeypatch.setattr(DessiLBI, "step", real)
+    train(c, resume=True)
+    assert_same(weights(full.run_dir()), weights(c.run_dir()))
+
+
 def test_the_config_is_never_mutated(tmp_path):
     c = cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
             max_train_batches=1)

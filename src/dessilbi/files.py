@@ -12,12 +12,14 @@ A leaf: imports nothing of dessilbi, so every layer may use it.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_with_fallback", "save_checkpoint",
+           "write_text_atomic"]
 
 
 class CheckpointError(RuntimeError):
@@ -25,18 +27,80 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Atomically write ``obj`` to ``path``, keeping the previous file as ``path.prev``."""
+    """Atomically write ``obj`` to ``path``, keeping the previous file as ``path.prev``.
+
+    At every moment ``path`` is either the previous complete file or the new one (the previous
+    one is hard-linked to ``.prev`` before the new one is renamed over it); the temporary names
+    are per process, so two writers never share one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     if path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
+        _replace_with_copy(path, path.with_name(path.name + ".prev"))
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never a part."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_with_fallback(path: str | os.PathLike[str], map_location: Any = "cpu",
+                       ) -> tuple[dict[str, Any], Path]:
+    """Load ``path``, or ``path.prev`` when ``path`` is missing or unreadable (a crash while it
+    was replaced); returns the state and the file it came from."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path, map_location), path
+    except CheckpointError:
+        prev = path.with_name(path.name + ".prev")
+        if not prev.is_file():
+            raise
+        return load_checkpoint(prev, map_location), prev
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _replace_with_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` atomically; ``src`` stays in place."""
+    tmp = _tmp_name(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # no data copied; the old inode lives on under the new name
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:

@@ -192,12 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
-    from ..training.engine import NonFiniteLossError, RunExistsError
+    from ..training.engine import NonFiniteLossError, RunExistsError, RunLockedError
 
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError,
-            RunExistsError, ValueError, FileNotFoundError) as e:
+            RunExistsError, RunLockedError, ValueError, FileNotFoundError) as e:
         print(f"dessilbi: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.optim import DessiLBI
 from ..core.target import SparsityTarget
 from ..core.units import unit_density
-from ..files import load_checkpoint, save_checkpoint
+from ..files import load_checkpoint, load_with_fallback, save_checkpoint
 from ..sparsity.masks import (
     EntryTracker,
     Mask,
@@ -297,9 +297,11 @@ class Checkpointer:
     def restore(self, loop: Loop) -> bool:
         """Load the checkpoint into ``loop`` and the stateful callbacks; False when none."""
         path = loop.run_dir / CHECKPOINT
-        if not path.exists():
+        if not path.exists() and not path.with_name(CHECKPOINT + ".prev").exists():
             return False
-        ck = load_checkpoint(path, map_location=loop.built.device)
+        ck, source = load_with_fallback(path, map_location=loop.built.device)
+        if source != path:
+            log.warning("%s is missing or unreadable: resuming from %s", path, source)
         b = loop.built
         unwrap(loop.model).load_state_dict(ck["model"])
         b.optimizer.load_state_dict(ck["optimizer"])

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 
 from ..core.optim import DessiLBI
-from ..files import save_checkpoint
+from ..files import save_checkpoint, write_text_atomic
 from ..sparsity.masks import named_penalties, unwrap
 from . import callbacks as cb
 from .build import Built, Dist, build, fixed_mask
@@ -42,12 +43,18 @@ from .loop import Loop, fit
 
 log = logging.getLogger("dessilbi.training")
 
-__all__ = ["NonFiniteLossError", "RunExistsError", "default_callbacks", "finished_summary",
-           "train"]
+LOCK = ".lock"
+
+__all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "default_callbacks",
+           "finished_summary", "train"]
 
 
 class RunExistsError(RuntimeError):
     """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training in the run folder."""
 
 
 def finished_summary(run_dir: Path, epochs: int) -> dict[str, Any] | None:
@@ -73,6 +80,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     run_dir = cfg.run_dir()
     if resume and (done := finished_summary(run_dir, cfg.epochs)) is not None:
         return done  # a finished run is read back, never rewritten
+    if not d.main:
+        return _train(cfg, d, run_dir, resume, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one trainer per folder: a second would interleave metrics and checkpoints
+        with FileLock(run_dir / LOCK, blocking=False):
+            return _train(cfg, d, run_dir, resume, overwrite)
+    except Timeout as e:
+        raise RunLockedError(f"run {run_dir} is being trained by another process (lock "
+                             f"{run_dir / LOCK}); wait for it or choose another --name") from e
+
+
+def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
+           overwrite: bool) -> dict[str, Any]:
     b = build(cfg, d)
     if d.main:
         _prepare_run_dir(cfg, b, run_dir, resume, overwrite)
@@ -90,7 +110,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     fit(loop, callbacks)
     summary = _summary(cfg, b, loop.metrics, run_dir)
     if d.main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -132,7 +152,7 @@ def _prepare_run_dir(cfg: TrainConfig, b: Built, run_dir: Path, resume: bool,
             (run_dir / f).unlink(missing_ok=True)
     import yaml
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if not (run_dir / "init.pt").exists():
         save_checkpoint({"model": unwrap(b.model).state_dict()}, run_dir / "init.pt")
 

@@ -10,8 +10,11 @@ Callbacks are duck-typed: ``call`` runs a hook on every callback that has it, in
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,7 @@ class Loop:
     accum: dict[str, Any] = field(default_factory=lambda: {"loss": 0.0, "correct": 0, "seen": 0})
     sums: Sums | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    stop_signal: int | None = None  # SIGINT / SIGTERM received; honoured at a step boundary
 
     def fold(self) -> None:
         """Move the device sums into ``accum`` (one host sync)."""
@@ -90,22 +94,55 @@ def fit(loop: Loop, callbacks: Sequence[Any], until: int | None = None) -> None:
     end = loop.cfg.epochs if until is None else until
     call(callbacks, "on_fit_start", loop)
     try:
-        while loop.epoch < end:
-            t0 = time.perf_counter()
-            call(callbacks, "on_epoch_start", loop)
-            train_epoch(loop, callbacks)
-            lr = loop.built.optimizer.param_groups[0]["lr"]
-            loop.built.scheduler.step()
-            metrics = epoch_metrics(loop, lr)
-            call(callbacks, "on_epoch_metrics", loop, metrics)
-            metrics["epoch_time"] = time.perf_counter() - t0
-            loop.epoch, loop.batch, loop.metrics = loop.epoch + 1, 0, metrics
-            loop.accum = {"loss": 0.0, "correct": 0, "seen": 0}
-            call(callbacks, "on_epoch_end", loop, metrics)
+        with _signals_at_step_boundary(loop):
+            _epochs(loop, callbacks, end)
     except BaseException as exc:
         call(callbacks, "on_exception", loop, exc)
         raise
     call(callbacks, "on_fit_end", loop)
+
+
+def _epochs(loop: Loop, callbacks: Sequence[Any], end: int) -> None:
+    while loop.epoch < end:
+        t0 = time.perf_counter()
+        call(callbacks, "on_epoch_start", loop)
+        train_epoch(loop, callbacks)
+        lr = loop.built.optimizer.param_groups[0]["lr"]
+        loop.built.scheduler.step()
+        metrics = epoch_metrics(loop, lr)
+        call(callbacks, "on_epoch_metrics", loop, metrics)
+        metrics["epoch_time"] = time.perf_counter() - t0
+        loop.epoch, loop.batch, loop.metrics = loop.epoch + 1, 0, metrics
+        loop.accum = {"loss": 0.0, "correct": 0, "seen": 0}
+        call(callbacks, "on_epoch_end", loop, metrics)
+        _stop_if_asked(loop)
+
+
+@contextmanager
+def _signals_at_step_boundary(loop: Loop) -> Iterator[None]:
+    """SIGINT / SIGTERM stop the run at the next step boundary (the step in flight completes and
+    is counted, so the checkpoint written on the way out is consistent); a second one stops at
+    once. Only the main thread can install handlers; elsewhere signals act as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if loop.stop_signal is not None:
+            raise KeyboardInterrupt
+        loop.stop_signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop_if_asked(loop: Loop) -> None:
+    if loop.stop_signal is not None:
+        raise KeyboardInterrupt(f"signal {loop.stop_signal}")
 
 
 def train_epoch(loop: Loop, callbacks: Sequence[Any]) -> None:
@@ -139,6 +176,7 @@ def train_epoch(loop: Loop, callbacks: Sequence[Any]) -> None:
         loop.sums.add(loss, out, y)
         loop.batch += 1
         call(callbacks, "on_batch_end", loop)
+        _stop_if_asked(loop)
     loop.fold()
 
 
