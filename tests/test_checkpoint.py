@@ -35,3 +35,22 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     set_rng_state(load_checkpoint(p)["rng"])
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+def test_a_directory_is_never_replaced(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is a directory"):
+        save_checkpoint({"a": torch.zeros(1)}, folder)
+    assert (folder / "mine.txt").read_text() == "keep"
+    assert not (tmp_path / "out.prev").exists()
+
+
+def test_the_previous_file_is_kept_and_no_temporary_left(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"v": torch.tensor(1)}, path)
+    save_checkpoint({"v": torch.tensor(2)}, path)
+    assert int(load_checkpoint(path)["v"]) == 2
+    assert int(load_checkpoint(tmp_path / "c.pt.prev")["v"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.prev"]

@@ -34,6 +34,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     are per process, so two writers never share one.
     """
     path = Path(path)
+    if path.is_dir():  # never move or replace a user's folder
+        raise ValueError(f"invalid output {path}: it is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
