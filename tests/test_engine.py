@@ -116,6 +116,14 @@ def test_a_signal_inside_a_step_stops_at_the_step_boundary(tmp_path, monkeypatch
     assert_same(weights(full.run_dir()), weights(c.run_dir()))
 
 
+def test_the_nu_chosen_for_the_run_is_reported(tmp_path):
+    auto = train(cfg(tmp_path, epochs=2, nu=None, name="auto"))
+    steps = 2 * 8  # 256 samples, batch 32
+    assert auto["nu"] == pytest.approx(0.1 * 1.0 * steps / 20)
+    assert train(cfg(tmp_path, epochs=1, name="fixed"))["nu"] == 2.0
+    assert train(cfg(tmp_path, epochs=1, optimizer="sgd-momentum", name="sgd"))["nu"] is None
+
+
 def test_the_config_is_never_mutated(tmp_path):
     c = cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
             max_train_batches=1)

@@ -80,6 +80,7 @@ class Built:
     dataset_note: str
     example: Tensor
     target: SparsityTarget | None = None
+    total_steps: int = 0  # optimizer steps of the whole run (sets ν when none is given)
 
 
 def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
@@ -111,7 +112,7 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         target = SparsityTarget(opt, cfg.target_density, steps, select_at=cfg.select_at,
                                 freeze=cfg.freeze, coupled=coupled_parameters(model, example))
     return Built(cfg, model, opt, make_scheduler(cfg, opt), train_set, test_set, info, device, note,
-                 example, target)
+                 example, target, steps)
 
 
 def _example(dataset: Dataset, device: torch.device) -> Tensor:

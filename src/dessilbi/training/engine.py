@@ -94,10 +94,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
            overwrite: bool) -> dict[str, Any]:
     b = build(cfg, d)
+    nu = path_nu(b)  # before any step: SparsityTarget releases ν to ∞ at selection
     if d.main:
         _prepare_run_dir(cfg, b, run_dir, resume, overwrite)
     if b.dataset_note and d.main:
         log.info(b.dataset_note)
+    if nu is not None and cfg.nu is None and d.main:
+        log.info("ν = %.4g, from the run's %d steps (α κ T / 20)", nu, b.total_steps)
     loop = Loop(cfg, b, b.model, grad_scaler(cfg, b), amp_dtype(cfg, b), d, run_dir)
     callbacks = default_callbacks(loop)
     checkpointer = next(c for c in callbacks if isinstance(c, cb.Checkpointer))
@@ -108,7 +111,7 @@ def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
     if d.world > 1:
         loop.model = cb.wrap_distributed(loop.model, b.device)
     fit(loop, callbacks)
-    summary = _summary(cfg, b, loop.metrics, run_dir)
+    summary = {**_summary(cfg, b, loop.metrics, run_dir), "nu": nu}
     if d.main:
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -170,6 +173,14 @@ def amp_dtype(cfg: TrainConfig, b: Built) -> torch.dtype | None:
 def grad_scaler(cfg: TrainConfig, b: Built) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(b.device.type,
                                 enabled=cfg.amp == "fp16" and b.device.type == "cuda")
+
+
+def path_nu(b: Built) -> float | None:
+    """The ν the path starts with (largest over the penalised groups); None without DessiLBI."""
+    if not isinstance(b.optimizer, DessiLBI):
+        return None
+    nus = [g["nu"] for g in b.optimizer.param_groups if g.get("penalty", "auto") != "none"]
+    return float(max(nus)) if nus else None
 
 
 def _summary(cfg: TrainConfig, b: Built, last: dict[str, Any], run_dir: Path) -> dict[str, Any]:
