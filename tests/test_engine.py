@@ -117,9 +117,10 @@ def test_a_signal_inside_a_step_stops_at_the_step_boundary(tmp_path, monkeypatch
 
 
 def test_the_nu_chosen_for_the_run_is_reported(tmp_path):
+    from dessilbi import nu_for_steps
+
     auto = train(cfg(tmp_path, epochs=2, nu=None, name="auto"))
-    steps = 2 * 8  # 256 samples, batch 32
-    assert auto["nu"] == pytest.approx(0.1 * 1.0 * steps / 20)
+    assert auto["nu"] == pytest.approx(nu_for_steps(0.1, 2 * 8))  # 256 samples, batch 32
     assert train(cfg(tmp_path, epochs=1, name="fixed"))["nu"] == 2.0
     assert train(cfg(tmp_path, epochs=1, optimizer="sgd-momentum", name="sgd"))["nu"] is None
 

@@ -46,22 +46,25 @@ PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")
 
 DEFAULT_NU = 100.0  # the paper's ν, for runs whose length the optimizer is not told
 PATH_SPEED = 20.0  # time constants of the coupling per run: measured in docs/training.md
+MIN_TIME_CONSTANT = 10.0  # steps: the coupling pulls W at most 1/10 of the way to Γ a step
 
 
 def nu_for_steps(lr: float, total_steps: int, kappa: float = 1.0,
                  path_speed: float = PATH_SPEED) -> float:
-    r"""ν for a run of ``total_steps`` optimizer steps: :math:`\nu = \alpha\kappa T / c`.
+    r"""ν for a run of ``total_steps`` optimizer steps: :math:`\nu = \alpha\kappa \max(T / c, 10)`.
 
     V moves by :math:`(\alpha/\nu)(W - \Gamma)` a step, so the coupling's time constant is
     :math:`\nu / (\alpha\kappa)` steps; this ν makes the run last ``c = path_speed`` of them.
     With c = 20 (measured on LeNet-3 / LeNet-5, 3 to 20 epochs: docs/training.md) the support has
     filled in well before the end and the Sparse model ends within a point of the Full one;
     c ≲ 2 leaves the path unfinished (Sparse far below Full), c ≳ 200 couples so hard that the
-    Full model loses accuracy.
+    Full model loses accuracy. The floor of 10 time-constant steps keeps the pull of W towards Γ,
+    (ακ/ν)(W − Γ), at most a tenth of the gap a step in very short runs (smoke tests), where a
+    larger pull makes W overshoot and diverge.
     """
     if total_steps < 1:
         raise ValueError(f"invalid total_steps={total_steps!r}: must be a positive integer")
-    return float(lr) * kappa * total_steps / path_speed
+    return float(lr) * kappa * max(total_steps / path_speed, MIN_TIME_CONSTANT)
 
 
 def resolve_penalty(penalty: str, param: Tensor) -> str:

@@ -100,7 +100,8 @@ def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
     if b.dataset_note and d.main:
         log.info(b.dataset_note)
     if nu is not None and cfg.nu is None and d.main:
-        log.info("ν = %.4g, from the run's %d steps (α κ T / 20)", nu, b.total_steps)
+        log.info("ν = %.4g, from the run's %d steps (nu_for_steps: α κ T / 20)", nu,
+                 b.total_steps)
     loop = Loop(cfg, b, b.model, grad_scaler(cfg, b), amp_dtype(cfg, b), d, run_dir)
     callbacks = default_callbacks(loop)
     checkpointer = next(c for c in callbacks if isinstance(c, cb.Checkpointer))
