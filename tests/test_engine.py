@@ -125,6 +125,14 @@ def test_the_nu_chosen_for_the_run_is_reported(tmp_path):
     assert train(cfg(tmp_path, epochs=1, optimizer="sgd-momentum", name="sgd"))["nu"] is None
 
 
+def test_the_default_dataset_choice_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("dessilbi.training.config.DEBIAN_FASHION_MNIST", tmp_path / "none")
+    with caplog.at_level("INFO", logger="dessilbi.training"):
+        train(cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
+                  max_train_batches=1))
+    assert "using scikit-learn's bundled 8×8 digits" in caplog.text
+
+
 def test_the_config_is_never_mutated(tmp_path):
     c = cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
             max_train_batches=1)

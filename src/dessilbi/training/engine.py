@@ -76,12 +76,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     d = Dist.from_env()
     if d.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    cfg = cfg.validate().resolved()[0]
+    cfg, dataset_note = cfg.validate().resolved()
     run_dir = cfg.run_dir()
     if resume and (done := finished_summary(run_dir, cfg.epochs)) is not None:
         return done  # a finished run is read back, never rewritten
     if not d.main:
         return _train(cfg, d, run_dir, resume, overwrite)
+    if dataset_note:
+        log.info(dataset_note)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:  # one trainer per folder: a second would interleave metrics and checkpoints
         with FileLock(run_dir / LOCK, blocking=False):
@@ -97,8 +99,6 @@ def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
     nu = path_nu(b)  # before any step: SparsityTarget releases ν to ∞ at selection
     if d.main:
         _prepare_run_dir(cfg, b, run_dir, resume, overwrite)
-    if b.dataset_note and d.main:
-        log.info(b.dataset_note)
     if nu is not None and cfg.nu is None and d.main:
         log.info("ν = %.4g, from the run's %d steps (nu_for_steps: α κ T / 20)", nu,
                  b.total_steps)
