@@ -21,6 +21,7 @@ import torch
 from ..files import load_checkpoint
 from ..sparsity.masks import Mask
 from ..training.config import TrainConfig
+from ..training.runs import read_metrics
 
 __all__ = ["LotteryResult", "best_and_final", "branch_dir", "imp", "lottery", "retrain",
            "ticket_config"]
@@ -91,8 +92,7 @@ def _keep_largest(weight: torch.Tensor, mask: torch.Tensor, keep: float) -> torc
 
 def best_and_final(summary: dict[str, Any]) -> tuple[float, float]:
     """Best and last Full accuracy of a finished run."""
-    lines = (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(x) for x in lines if x.strip()]
+    metrics = read_metrics(Path(summary["run"]))
     return max(m["full_acc"] for m in metrics), metrics[-1]["full_acc"]
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..training.config import ConfigError, TrainConfig, load_config_file
+from ..training.runs import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -223,13 +224,6 @@ def _run_cost(spec: TableSpec, b: dict[str, Any], runs_dir: str,
 
 
 # ----------------------------------------------------------------------------- reports
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-
-
 def _diverged(cfg: TrainConfig) -> bool:
     p = cfg.run_dir() / "summary.json"
     return p.exists() and "diverged" in json.loads(p.read_text())
@@ -325,7 +319,7 @@ def _figure(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], keys: l
     if spec.kind == "sweep_epochs":
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         for c in cfgs:
-            m = _metrics(c.run_dir())
+            m = read_metrics(c.run_dir())
             if not m:
                 continue
             lab = ", ".join(f"{k}={v}" for k, v in _grid_label(c, keys, spec,
@@ -397,7 +391,7 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
         cols, make = _PER_RUN[spec.kind]
         header, rows = keys + cols, []
         for c in cfgs:
-            m = _metrics(c.run_dir())
+            m = read_metrics(c.run_dir())
             lab = [str(v) for v in _grid_label(c, keys, spec, _budget_name(spec, b)).values()]
             if _diverged(c):
                 rows.append(lab + ["diverged (NaN/Inf loss)"] + ["—"] * (len(cols) - 1))
@@ -416,7 +410,7 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
         header, rows = keys[:], []
         first = True
         for c in cfgs:
-            m = {x["epoch"]: x for x in _metrics(c.run_dir())}
+            m = {x["epoch"]: x for x in read_metrics(c.run_dir())}
             picks = sorted({max(1, round(f * c.epochs)) for f in spec.epochs_at})
             if first:
                 for e in picks:
@@ -437,7 +431,7 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
             for f in [p for p in [_lottery_file(c, b.get("lottery") or {})] if p.exists()]:
                 data = json.loads(f.read_text())
                 for r in data["records"]:
-                    m = _metrics(Path(r["run"]))
+                    m = read_metrics(Path(r["run"]))
                     rows.append([c.model, str(data["epoch"]), r["method"],
                                  _fmt(r["density"], True),
                                  _fmt(max(x["full_acc"] for x in m)) if m else "—",

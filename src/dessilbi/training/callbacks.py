@@ -32,11 +32,11 @@ from ..structure.prune import prune_model
 from .batches import evaluate
 from .checkpoint import rng_state, set_rng_state
 from .loop import Loop
+from .runs import METRICS, read_metrics
 
 log = logging.getLogger("dessilbi.training")
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 PATH = "path.pt"
 MASKS = "masks.pt"
 
@@ -167,9 +167,8 @@ class MetricsFile:
     def on_fit_start(self, loop: Loop) -> None:
         path = loop.run_dir / METRICS
         if loop.dist.main and path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if _epoch_of(ln) is not None and _epoch_of(ln) <= loop.epoch]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [m for m in read_metrics(loop.run_dir) if m.get("epoch", 0) <= loop.epoch]
+            path.write_text("".join(json.dumps(m) + "\n" for m in keep))
 
     def on_epoch_end(self, loop: Loop, m: dict[str, Any]) -> None:
         if not loop.dist.main:
@@ -178,14 +177,6 @@ class MetricsFile:
             f.write(json.dumps(m) + "\n")
             f.flush()
         log.info(metrics_line(m))
-
-
-def _epoch_of(line: str) -> int | None:
-    """The epoch of a metrics line; None for a blank or torn one (a crash mid-write)."""
-    try:
-        return int(json.loads(line)["epoch"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def metrics_line(m: dict[str, Any]) -> str:

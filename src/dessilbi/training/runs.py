@@ -16,6 +16,25 @@ from ..files import CheckpointError, load_checkpoint
 from ..sparsity.masks import Mask, mask_at
 from .config import TrainConfig
 
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``run_dir/metrics.jsonl`` ([] when absent). A blank or torn line
+    (a crash while it was written) is skipped."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
 __all__ = ["Run", "open_run", "pareto_front", "choose_epoch"]
 
 
@@ -79,11 +98,7 @@ def open_run(path: str | Path) -> Run:
     if "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{ck_path} is not a dessilbi training checkpoint")
     cfg = TrainConfig.from_dict(ck["config"], source=str(ck_path))
-    metrics = []
-    mfile = run_dir / "metrics.jsonl"
-    if mfile.exists():
-        metrics = [json.loads(x) for x in mfile.read_text().splitlines() if x.strip()]
-    return Run(run_dir, ck_path, cfg, metrics)
+    return Run(run_dir, ck_path, cfg, read_metrics(run_dir))
 
 
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
