@@ -43,7 +43,7 @@ __all__ = ["TableSpec", "load_table", "find_tables", "expand_runs", "run_table",
            "write_index", "KINDS"]
 
 KINDS = ("compare", "sweep_best", "sweep_epochs", "layer_density", "cost", "lottery")
-BUDGETS = ("full", "cpu")
+BUDGETS = ("full", "cpu", "mnist")
 
 
 @dataclass
