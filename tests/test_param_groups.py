@@ -14,7 +14,8 @@ class Net(nn.Module):
         self.ln = nn.LayerNorm(8)
         self.fc = nn.Linear(8, 4)
         self.head = nn.Linear(4, 2)
-        self.scale = nn.Parameter(torch.ones(1))  # a free parameter of an unknown kind
+        self.scale = nn.Parameter(torch.ones(1))  # a layer scale: a vector, no weight decay
+        self.table = nn.Parameter(torch.ones(3, 2))  # a free parameter of an unknown kind
 
 
 def by_name(groups):
@@ -34,10 +35,10 @@ def test_groups_from_module_types():
     assert ids(groups["linear"]["params"]) == ids([net.fc.weight, net.head.weight])
     assert groups["linear"]["penalty"] == "lasso"
     no_decay = [net.conv.bias, net.bn.weight, net.bn.bias, net.body[1].weight, net.body[1].bias,
-                net.ln.weight, net.ln.bias, net.fc.bias, net.head.bias]
+                net.ln.weight, net.ln.bias, net.fc.bias, net.head.bias, net.scale]
     assert ids(groups["no_decay"]["params"]) == ids(no_decay)
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["no_decay"]["penalty"] == "none"
-    assert ids(groups["other"]["params"]) == ids([net.scale])
+    assert ids(groups["other"]["params"]) == ids([net.table])
     assert groups["other"]["weight_decay"] == 1e-4
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len(list(net.parameters()))
@@ -125,3 +126,48 @@ def test_classifier_found_from_the_forward_pass():
     groups = by_name(lbi_param_groups(net, example_inputs=torch.zeros(2, 4)))
     assert ids(groups["linear"]["params"]) == ids([net.hidden.weight])
     assert id(net.out.weight) in ids(groups["other"]["params"])
+
+
+class RmsNorm(nn.Module):
+    """Like timm's RmsNorm: a normalisation layer that is not a subclass of torch's."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Tokens(nn.Module):
+    """A ViT-like model: a class token and position embeddings declared by no_weight_decay()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.embed = nn.Linear(4, 8)
+        self.norm = RmsNorm(8)
+        self.gamma = nn.Parameter(torch.ones(8))  # a LayerScale of its own
+        self.mix = nn.Parameter(torch.ones(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.embed(x)], 1)
+        t = self.norm(t + self.pos_embed) * self.gamma @ self.mix
+        return self.head(t[:, 0])
+
+
+def test_norms_layer_scales_and_declared_parameters_get_no_weight_decay() -> None:
+    net = Tokens()
+    groups = {g["name"]: g for g in lbi_param_groups(net, weight_decay=0.05)}
+    no_decay = ids(groups["no_decay"]["params"])
+    for p in (net.cls_token, net.pos_embed, net.norm.weight, net.gamma, net.embed.bias):
+        assert id(p) in no_decay
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert ids(groups["other"]["params"]) == ids([net.mix, net.head.weight])  # + classifier
+    assert groups["other"]["weight_decay"] == 0.05
+    assert id(net.embed.weight) in ids(groups["linear"]["params"])

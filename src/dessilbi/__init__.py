@@ -11,7 +11,14 @@ Public API::
     ...  loss.backward(); opt.step(); target.step()
 """
 
-from .core.optim import PENALTY_CHOICES, DessiLBI, dessilbi_update, nu_for_steps, resolve_penalty
+from .core.optim import (
+    PENALTY_CHOICES,
+    DessiLBI,
+    dessilbi_update,
+    nu_for_steps,
+    resolve_penalty,
+    unwrap_optimizer,
+)
 from .core.param_groups import lbi_param_groups
 from .core.prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
 from .core.target import SparsityTarget, support_fraction
@@ -36,4 +43,5 @@ __all__ = [
     "prox",
     "resolve_penalty",
     "soft_threshold",
+    "unwrap_optimizer",
 ]

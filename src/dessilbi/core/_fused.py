@@ -13,14 +13,19 @@ on/off, group norm) are compile-time constants.
 
 from __future__ import annotations
 
+import logging
 import math
+import types
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .kernels import group_by_device_dtype
+
+log = logging.getLogger(__name__)
 
 
 def _group_scales(vs: list[Tensor], lam: Tensor, kappa: Tensor, rms: bool) -> list[Tensor]:
@@ -104,32 +109,47 @@ def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
              kappa: float, nu: float, lambda_: float, group_norm: str, momentum: float,
              dampening: float, nesterov: bool, weight_decay: float,
              ) -> list[tuple[tuple[Any, ...], tuple[Any, ...] | None]]:
-    """(update arguments, filter-norm arguments or None) per (device, dtype) of one bundle.
+    """(update arguments, filter-norm arguments or None) per (device, dtype, first step) of
+    one bundle.
 
-    Missing momentum buffers are created in ``bufs`` (b ← g on the first step is taken as
-    b ← 0·b + 1·g, so the graph is the same on every step).
+    Missing momentum buffers are created in ``bufs``; b ← g on a tensor's first step is taken as
+    b ← 0·b + 1·g, so the graph is the same on every step. Tensors on their first step form a
+    call of their own: a parameter whose first gradient arrives late must not reset the buffers
+    of the others.
     """
     lr_value = float(lr) if isinstance(lr, Tensor) else lr
     use_momentum = momentum != 0.0
     out = []
-    for idx in group_by_device_dtype(params):
-        device, dtype = params[idx[0]].device, params[idx[0]].dtype
-        first = use_momentum and any(bufs[i] is None for i in idx)
-        for i in idx:
-            if use_momentum and bufs[i] is None:
-                bufs[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
-        h = scalars.get(device, dtype, dict(
-            lr=lr_value, kappa=kappa, nu_inv=0.0 if math.isinf(nu) else 1.0 / nu,
-            lam=lambda_, wd=weight_decay, momentum=momentum,
-            buf_keep=0.0 if first else momentum, grad_coef=1.0 if first else 1.0 - dampening,
-        ))
-        v_ = [vs[i] for i in idx] if penalty != "none" else []
-        update = ([params[i] for i in idx], [grads[i] for i in idx],
-                  [bufs[i] for i in idx] if use_momentum else [], v_, h, penalty,
-                  use_momentum, nesterov, weight_decay != 0.0)
-        norms = (v_, h["lam"], h["kappa"], group_norm == "rms") if penalty == "group" else None
-        out.append((update, norms))
+    for same in group_by_device_dtype(params):
+        device, dtype = params[same[0]].device, params[same[0]].dtype
+        new = [i for i in same if use_momentum and bufs[i] is None]
+        old = [i for i in same if i not in new]
+        for idx, first in ((new, True), (old, False)):
+            if not idx:
+                continue
+            out.append(_prepare_part(idx, first, params, grads, bufs, vs, scalars.get(
+                device, dtype, dict(
+                    lr=lr_value, kappa=kappa, nu_inv=0.0 if math.isinf(nu) else 1.0 / nu,
+                    lam=lambda_, wd=weight_decay, momentum=momentum,
+                    buf_keep=0.0 if first else momentum,
+                    grad_coef=1.0 if first else 1.0 - dampening)),
+                penalty, use_momentum, nesterov, weight_decay != 0.0, group_norm))
     return out
+
+
+def _prepare_part(idx: list[int], first: bool, params: list[Tensor], grads: list[Tensor],
+                  bufs: list[Tensor | None], vs: list[Tensor | None], h: dict[str, Tensor],
+                  penalty: str, use_momentum: bool, nesterov: bool, use_wd: bool,
+                  group_norm: str) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    if first:
+        for i in idx:
+            bufs[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+    v_ = [vs[i] for i in idx] if penalty != "none" else []
+    update = ([params[i] for i in idx], [grads[i] for i in idx],
+              [bufs[i] for i in idx] if use_momentum else [], v_, h, penalty,
+              use_momentum, nesterov, use_wd)
+    norms = (v_, h["lam"], h["kappa"], group_norm == "rms") if penalty == "group" else None
+    return update, norms
 
 
 def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
@@ -139,8 +159,8 @@ def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
     :func:`dessilbi.core.update.dessilbi_update`; ``bufs`` is completed in place.
     """
     if "update" not in cache:
-        cache["update"] = torch.compile(_update_many, fullgraph=True)
-        cache["scales"] = torch.compile(_scales_many, fullgraph=True)
+        cache["update"] = _Compiled(_update_many)
+        cache["scales"] = _Compiled(_scales_many)
         cache["scalars"] = _ScalarCache()
     prepared = [item for b in bundles for item in _prepare(scalars=cache["scalars"], **b)]
     norm_args = [n for _, n in prepared if n is not None]
@@ -150,6 +170,39 @@ def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
         items.append((params, grads, bufs, vs, next(scales) if n is not None else [], h,
                       penalty, use_m, nesterov, use_wd))
     cache["update"](items)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from torch._dynamo import exc  # imported on failure only: dynamo is slow to import
+
+    return exc.TorchDynamoException, exc.FailOnRecompileLimitHit
+
+
+class _Compiled:
+    """``torch.compile(fn, fullgraph=True)`` that falls back to ``fn`` itself, with one warning,
+    when compilation fails (no compiler for the platform, a recompilation limit, a compiler bug).
+
+    Dynamo keeps its compiled variants on the function's code object and limits their number
+    per code object; every instance compiles a copy of the code, so that one optimizer's shapes
+    do not use up the budget of the next (before, the 9th optimizer over new shapes in a process
+    crashed with ``FailOnRecompileLimitHit``).
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.eager = fn
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                 fn.__defaults__, fn.__closure__)
+        self.compiled: Callable[..., Any] | None = torch.compile(own, fullgraph=True)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except _compile_errors() as e:  # raised while compiling, before a tensor is written
+                log.warning("DessiLBI fused step: torch.compile failed (%s: %s); using the "
+                            "eager update from now on", type(e).__name__, str(e)[:200])
+                self.compiled = None
+        return self.eager(*args)
 
 
 def fused_update(

@@ -47,6 +47,12 @@ def single_tensor(
             assert v is not None
             # diff = W − Γ with the values before this step; it drives both V and W.
             diff = prox(v, penalty, lambda_, group_norm).mul_(-kappa).add_(w)
+            if torch.compiler.is_compiling():
+                # Inductor (torch 2.14, CPU) generates broken code for several in-place updates
+                # that read a reduction over one of them (group norms of V); one foreach node
+                # holding the updates of V and W compiles.
+                torch._foreach_add_([v, w], [diff * (lr / nu), (d + diff / nu) * -step])
+                continue
             v.add_(diff, alpha=lr / nu)
             w.add_(diff, alpha=-step / nu)
         w.add_(d, alpha=-step)

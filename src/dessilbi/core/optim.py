@@ -39,7 +39,7 @@ from torch.optim import Optimizer
 from .prox import GROUP_NORMS, prox
 from .update import dessilbi_update
 
-__all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "PENALTY_CHOICES"]
+__all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "unwrap_optimizer", "PENALTY_CHOICES"]
 
 PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")
 
@@ -118,6 +118,16 @@ def _check_group(group: dict[str, Any]) -> None:
         raise bad("nesterov", True, "requires momentum > 0 and dampening = 0")
 
 
+def _check_params(params: list[Tensor]) -> None:
+    """Raise for a sparse or complex parameter (after torch's own checks)."""
+    for p in params:
+        if p.is_sparse:
+            raise ValueError("invalid params: DessiLBI does not support sparse parameters")
+        if p.is_complex():
+            raise ValueError("invalid params: DessiLBI does not support complex parameters "
+                             "(optimise torch.view_as_real(p) instead)")
+
+
 class DessiLBI(Optimizer):
     r"""DessiLBI as a drop-in :class:`torch.optim.Optimizer`.
 
@@ -138,6 +148,7 @@ class DessiLBI(Optimizer):
         dampening: dampening of the momentum (default 0).
         nesterov: Nesterov momentum (default False).
         weight_decay: L2 penalty added to the gradient (default 0).
+        maximize: maximise the objective (the step uses −g), as in ``torch.optim``.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it
             when all tensors are on CUDA, as ``torch.optim`` does.
         fused: run the update as a ``torch.compile``-d kernel that reads every tensor once
@@ -171,6 +182,7 @@ class DessiLBI(Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         *,
+        maximize: bool = False,
         foreach: bool | None = None,
         fused: bool = False,
         total_steps: int | None = None,
@@ -180,28 +192,31 @@ class DessiLBI(Optimizer):
         defaults = dict(
             lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, penalty=penalty, group_norm=group_norm,
             momentum=momentum, dampening=dampening, nesterov=nesterov,
-            weight_decay=weight_decay, foreach=foreach, fused=fused,
+            weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused,
         )
         _check_group(defaults)
+        if isinstance(params, set):
+            raise TypeError("invalid params: a set has no reproducible order; pass a list")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after validating its hyper-parameters and that no parameter repeats."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        seen = {id(p) for g in self.param_groups for p in g["params"]}
-        ids = [id(p) for p in params]
-        if len(set(ids)) != len(ids) or seen.intersection(ids):
-            raise ValueError(
-                "invalid params: a parameter appears in more than one parameter group "
-                "(or twice in one group)"
-            )
-        merged = {**self.defaults, **param_group, "params": params}
-        _check_group(merged)
-        for p in params:
-            if p.is_sparse:
-                raise ValueError("invalid params: DessiLBI does not support sparse parameters")
-        super().add_param_group({**param_group, "params": params})
+        """Add a group (as torch does: the caller's dict itself, (name, tensor) pairs accepted)
+        after validating its hyper-parameters and that no parameter repeats."""
+        if isinstance(param_group.get("params"), set):  # torch.optim accepts a top-level set
+            raise TypeError("invalid params: a set has no reproducible order; pass a list")
+        if not isinstance(param_group.get("params"), (Tensor, type(None))):
+            param_group["params"] = list(param_group["params"])
+            tensors = [q[1] if isinstance(q, tuple) else q for q in param_group["params"]]
+            if len({id(t) for t in tensors}) != len(tensors):  # torch only warns
+                raise ValueError("invalid params: a parameter appears twice in one group")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_params(group["params"])
+            _check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -212,7 +227,7 @@ class DessiLBI(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key in ("foreach", "fused"):
+            for key in ("foreach", "fused", "maximize"):
                 group.setdefault(key, self.defaults.get(key))
 
     # ------------------------------------------------------------------ step
@@ -245,12 +260,15 @@ class DessiLBI(Optimizer):
                 mask = state.get("mask")
                 if mask is not None:
                     masked.append((p, mask))
-                bundles[(pen, state.get("lambda_", group["lambda_"]))].add(p, state, mask)
+                bundles[(pen, state.get("lambda_", group["lambda_"]))].add(
+                    p, state, mask, group["maximize"])
             for (pen, lam), bundle in bundles.items():
                 hp = {k: group[k] for k in ("lr", "kappa", "nu", "group_norm", "momentum",
                                             "dampening", "nesterov", "weight_decay")}
                 hp["lambda_"] = lam
-                if group["fused"]:  # all fused bundles go to one compiled call below
+                # Inside a compiled training step the caller's compiler fuses the update
+                # already (and a nested compiled call would be inlined into it).
+                if group["fused"] and not torch.compiler.is_compiling():
                     fused.append((bundle, dict(params=bundle.params, grads=bundle.grads,
                                                bufs=bundle.bufs, vs=bundle.vs, penalty=pen,
                                                **hp)))
@@ -368,16 +386,33 @@ class _Bundle:
         self.vs: list[Tensor | None] = []
         self.grads: list[Tensor] = []
 
-    def add(self, p: Tensor, state: dict[str, Any], mask: Tensor | None = None) -> None:
+    def add(self, p: Tensor, state: dict[str, Any], mask: Tensor | None = None,
+            maximize: bool = False) -> None:
         assert p.grad is not None
+        grad = -p.grad if maximize else p.grad
         self.params.append(p)
-        self.grads.append(p.grad if mask is None else p.grad * mask)
+        self.grads.append(grad if mask is None else grad * mask)
         self.states.append(state)
         self.bufs.append(state.get("momentum_buffer"))
         self.vs.append(state.get("V"))
 
     def store_buffers(self, momentum: float) -> None:
-        """Keep the (possibly new) momentum buffers in the optimizer state."""
-        if momentum != 0.0:
-            for st, buf in zip(self.states, self.bufs):
-                st["momentum_buffer"] = buf
+        """Keep the (possibly new) momentum buffers in the optimizer state (``None`` without
+        momentum, so that every parameter that took a step has its state entry)."""
+        for st, buf in zip(self.states, self.bufs):
+            st["momentum_buffer"] = buf if momentum != 0.0 else None
+
+
+def unwrap_optimizer(optimizer: Any) -> DessiLBI:
+    """The :class:`DessiLBI` inside the wrappers of training frameworks (accelerate's
+    ``AcceleratedOptimizer`` keeps it as ``.optimizer``, Lightning's ``LightningOptimizer`` as
+    ``._optimizer``); a DessiLBI is returned as it is."""
+    inner = optimizer
+    for _ in range(8):
+        if isinstance(inner, DessiLBI):
+            return inner
+        inner = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+        if inner is None:
+            break
+    raise TypeError(f"expected a DessiLBI optimizer (or a framework's wrapper of one), got "
+                    f"{type(optimizer).__name__}")

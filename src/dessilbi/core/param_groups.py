@@ -5,8 +5,10 @@ weights one group per output neuron, so that every unit of the support can be re
 network; the classifier (the layer producing the outputs) is left whole, and biases,
 normalisation layers and everything else get ``"none"`` (plain SGD-momentum). The paper's
 element-wise lasso on linear weights is ``linear_penalty="lasso"``. Weight decay, when asked
-for, is applied to conv / linear weights and other parameters but not to biases and
-normalisation parameters. Nothing is decided from parameter names.
+for, is applied to conv / linear weights and other parameters but not to biases,
+normalisation layers (torch's, and any module whose parameters are all per-channel vectors),
+other vectors (layer scales) and what the model lists in ``no_weight_decay()`` (timm's
+convention). Nothing else is decided from parameter names.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def lbi_param_groups(
         if head is not None:
             exclude.append(head)
     excluded = _excluded_modules(model, exclude)
+    no_decay = _declared_no_decay(model)
     buckets: dict[str, list[nn.Parameter]] = {"conv": [], "linear": [], "no_decay": [], "other": []}
     seen: set[int] = set()
     for module in model.modules():
@@ -76,7 +79,7 @@ def lbi_param_groups(
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            buckets[_bucket_of(module, p, excluded)].append(p)
+            buckets[_bucket_of(module, p, excluded, no_decay)].append(p)
 
     penalised = {"conv": conv_penalty, "linear": linear_penalty}
     groups: list[dict[str, Any]] = []
@@ -95,19 +98,41 @@ def lbi_param_groups(
     return groups
 
 
-def _bucket_of(module: nn.Module, p: nn.Parameter, excluded: set[int]) -> str:
-    if isinstance(module, NORM_TYPES):
+def _bucket_of(module: nn.Module, p: nn.Parameter, excluded: set[int],
+               no_decay: set[int]) -> str:
+    if isinstance(module, NORM_TYPES) or _is_scale_shift(module):
         return "no_decay"
     is_weight = p is getattr(module, "weight", None)
     if isinstance(module, CONV_TYPES + LINEAR_TYPES) and not is_weight:
         return "no_decay"  # the bias
-    if id(module) in excluded:
-        return "other"
-    if is_weight and isinstance(module, CONV_TYPES):
+    if id(module) not in excluded and is_weight and isinstance(module, CONV_TYPES):
         return "conv"
-    if is_weight and isinstance(module, LINEAR_TYPES):
+    if id(module) not in excluded and is_weight and isinstance(module, LINEAR_TYPES):
         return "linear"
-    return "other"
+    # vectors (layer scales, per-channel gains) and what the model declares
+    # (timm's no_weight_decay(): tokens, position embeddings) take no weight decay
+    return "no_decay" if p.ndim <= 1 or id(p) in no_decay else "other"
+
+
+def _is_scale_shift(module: nn.Module) -> bool:
+    """A normalisation-like layer of any library: not a conv / linear layer, and its own
+    parameters are all per-channel vectors applied as a scale or shift (timm's ``RmsNorm``,
+    ``RmsNorm2d``, ``SimpleNorm``, ``LayerScale``; affine-only layers)."""
+    if isinstance(module, CONV_TYPES + LINEAR_TYPES):
+        return False
+    own = list(module.parameters(recurse=False))
+    return bool(own) and all(q.ndim == 1 for q in own)
+
+
+def _declared_no_decay(model: nn.Module) -> set[int]:
+    """Parameters named by ``model.no_weight_decay()`` (timm's convention: a set of parameter
+    names or module-name prefixes), as ids."""
+    declare = getattr(model, "no_weight_decay", None)
+    if not callable(declare):
+        return set()
+    names = set(declare())
+    return {id(p) for n, p in model.named_parameters()
+            if n in names or any(n.startswith(f"{k}.") for k in names)}
 
 
 def _excluded_modules(

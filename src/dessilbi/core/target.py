@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim import DessiLBI, nu_for_steps
+from .optim import DessiLBI, nu_for_steps, unwrap_optimizer
 from .prox import group_norms
 from .units import unit_counts, unit_mask
 
@@ -120,7 +120,7 @@ class SparsityTarget:
         update_every: int | None = None,
         coupled: Mapping[Tensor, Sequence[Tensor]] | None = None,
     ) -> None:
-        opt = _unwrap_optimizer(optimizer)
+        opt = unwrap_optimizer(optimizer)
         checks = [
             ("density", density, 0.0 < density <= 1.0, "must be in (0, 1]"),
             ("total_steps", total_steps, isinstance(total_steps, int) and total_steps > 0,
@@ -239,13 +239,3 @@ class SparsityTarget:
         self.step_count = int(state["step_count"])
         self.frozen = bool(state["frozen"])
         self.scales = [float(s) for s in state["scales"]]
-
-
-def _unwrap_optimizer(optimizer: Any) -> DessiLBI:
-    """The DessiLBI inside wrappers that keep it as ``.optimizer`` (accelerate, Lightning)."""
-    inner = optimizer
-    for _ in range(4):
-        if isinstance(inner, DessiLBI):
-            return inner
-        inner = getattr(inner, "optimizer", None)
-    raise TypeError(f"SparsityTarget steers a DessiLBI optimizer, got {type(optimizer).__name__}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.optim import DessiLBI
+from ..core.optim import DessiLBI, unwrap_optimizer
 from ..core.units import unit_mask
 
 __all__ = [
@@ -46,12 +46,12 @@ def _names(model: nn.Module) -> dict[int, str]:
 
 def named_masks(model: nn.Module, opt: DessiLBI) -> dict[str, Tensor]:
     """{parameter name: support of Γ} for every penalised parameter of ``model``."""
-    names = _names(model)
+    names, opt = _names(model), unwrap_optimizer(opt)
     return {names[id(p)]: m for p, m in opt.masks().items() if id(p) in names}
 
 
 def named_penalties(model: nn.Module, opt: DessiLBI) -> dict[str, str]:
-    names = _names(model)
+    names, opt = _names(model), unwrap_optimizer(opt)
     return {names[id(p)]: opt.penalty_of(p) for p in opt.penalised_params() if id(p) in names}
 
 
