@@ -51,8 +51,10 @@ def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
                  str(out), "--configs", str(CONFIGS), *tiny]) == 0
     for table, path in find_tables(CONFIGS).items():
         spec = load_table(path)
-        md = out / f"{table.lower()}_cpu.md"
-        rows = list(csv.reader((out / f"{table.lower()}_cpu.csv").open()))
+        # --set options make their own report, never the configured one
+        assert not (out / f"{table.lower()}_cpu.md").exists()
+        md, = out.glob(f"{table.lower()}_cpu_set-*.md")
+        rows = list(csv.reader(md.with_suffix(".csv").open()))
         assert md.exists() and len(rows) >= 2, table
         for col in EXPECTED_COLUMNS[spec.kind]:
             assert col in rows[0], (table, col)
@@ -63,7 +65,7 @@ def test_reproduce_and_report_every_table_at_a_tiny_budget(tmp_path, capsys):
     assert main(["report", "T2", "--budget", "cpu", "--runs-dir", str(runs), "--out",
                  str(out), "--configs", str(CONFIGS), *tiny]) == 0
     assert before == {p: p.stat().st_mtime for p in runs.rglob("summary.json")}
-    assert "t2_cpu.md" in (out / "README.md").read_text()
+    assert "t2_cpu_set-" in (out / "README.md").read_text()
     assert main(["report", "T99", "--configs", str(CONFIGS)]) == 2
 
 
@@ -83,7 +85,8 @@ def test_a_diverging_run_is_reported_not_fatal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(feed, "batches", poisoned)
     spec = load_table(cfgfile)
-    from dessilbi.paper.reproduce import report_table, run_table
+    from dessilbi.paper.report import report_table
+    from dessilbi.paper.reproduce import run_table
 
     run_table(spec, "cpu", str(tmp_path / "runs"))
     md, csv_path = report_table(spec, "cpu", str(tmp_path / "runs"), tmp_path / "out")[:2]
@@ -111,3 +114,42 @@ def test_table_configs_ship_in_the_wheel(tmp_path):
         check=True, capture_output=True, text=True, env={"PYTHONPATH": str(site)}, cwd=tmp_path)
     where, names = listed.stdout.splitlines()
     assert where.startswith(str(site)) and "t10.yaml" in names
+
+
+def test_report_without_runs_keeps_the_existing_report(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    kept = out / "t7_cpu.md"
+    kept.write_text("the committed report\n")
+    assert main(["report", "T7", "--budget", "cpu", "--runs-dir", str(tmp_path / "none"),
+                 "--out", str(out)]) == 2
+    assert kept.read_text() == "the committed report\n"
+    assert not (out / "t7_cpu.csv").exists()
+
+
+def test_t7_mnist_report_puts_the_published_layers_beside_ours(tmp_path):
+    from test_data import make_mnist
+
+    make_mnist(tmp_path / "data", "MNIST", n_train=64, n_test=32, compress=True)
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    assert main(["reproduce", "T7", "--budget", "mnist", "--data-dir", str(tmp_path / "data"),
+                 "--runs-dir", str(runs), "--out", str(out), "--set", "epochs=3",
+                 "--set", "tensorboard=false"]) == 0
+    md, = out.glob("t7_mnist_set-*.md")
+    text = md.read_text()
+    header = next(csv.reader(md.with_suffix(".csv").open()))
+    assert header[-3:] == ["paper layer", "paper weights", "published sparsity"]
+    assert "| FC1 | 235,200 | 0.049 |" in text and "| FC3 | 1,000 | 0.398 |" in text
+    assert "the path " in text and "**Verdict:**" in text
+    assert "```" not in text  # no raw JSON
+    assert "--data-dir DIR --set epochs=3" in text
+    assert md.with_suffix(".png").exists()
+
+
+def test_reports_say_when_the_paper_published_nothing(tmp_path):
+    from dessilbi.paper.report import _published_lines
+
+    spec = load_table(CONFIGS / "t2.yaml")
+    spec.published = {}
+    line = " ".join(_published_lines(spec))
+    assert "not in the material" in line

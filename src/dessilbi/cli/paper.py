@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def _tables(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..paper.reproduce import report_table, run_table
+    from ..paper.report import report_table
+    from ..paper.reproduce import run_table
 
     over = _overrides(args)
     for spec in _tables(args):
@@ -53,19 +55,29 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             for p in report_table(spec, args.budget, args.runs_dir, args.out, over):
                 print(f"  wrote {p}")
     if not args.no_report:
-        from ..paper.reproduce import write_index
+        from ..paper.report import write_index
 
         print(f"  wrote {write_index(args.out)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..paper.reproduce import report_table, write_index
+    from ..paper.report import report_table, write_index
 
     over = _overrides(args)
+    written = 0
     for spec in _tables(args):
-        for p in report_table(spec, args.budget, args.runs_dir, args.out, over):
+        files = report_table(spec, args.budget, args.runs_dir, args.out, over)
+        if not files:
+            print(f"{spec.table} ({args.budget}): no results under {args.runs_dir}; "
+                  f"its report is left as it is", file=sys.stderr)
+        for p in files:
             print(p)
+        written += len(files)
+    if not written:
+        raise FileNotFoundError(f"no results under {args.runs_dir} for {args.table} "
+                                f"({args.budget}); nothing written (train them with "
+                                f"`dessilbi reproduce {args.table} --budget {args.budget}`)")
     print(write_index(args.out))
     return 0
 

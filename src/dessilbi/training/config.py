@@ -160,10 +160,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
+        """Hash of the settings that change what the run computes and differ from their
+        defaults (a new option leaves every existing name as it is, as open_lth's run ids do);
+        an init or mask file counts by its content, not its path (a moved run keeps its name)."""
+        defaults = {f.name: _default_of(f) for f in fields(self)}
+        items = {k: v for k, v in self.to_dict().items()
+                 if k not in _NOT_HASHED and v != defaults[k]}
+        for k in ("init_from", "mask"):
+            if items.get(k) and Path(items[k]).is_file():
+                items[k] = "sha256:" + _file_digest(Path(items[k]))
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
+
+    def legacy_config_hash(self) -> str:
+        """The hash of releases before 0.2 (every field, files by path): finds older folders."""
         items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
-    def run_name(self) -> str:
+    def run_name(self, legacy: bool = False) -> str:
         if self.name:
             return self.name
         opt = self.optimizer
@@ -172,11 +185,19 @@ class TrainConfig:
         elif opt == "dessilbi":
             nu = "auto" if self.nu is None else f"{self.nu:g}"
             opt += f"_k{self.kappa:g}_nu{nu}_lam{self.lambda_:g}"
+        digest = self.legacy_config_hash() if legacy else self.config_hash()
         return f"{self.dataset}_{self.model}_{opt}_lr{self.lr:g}_e{self.epochs}_s{self.seed}" \
-               f"_{self.config_hash()}"
+               f"_{digest}"
 
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.run_name()
+        """``runs_dir/run_name()``, or the folder an earlier release named when only that
+        one exists (so runs trained before the naming change are found and resumed)."""
+        current = Path(self.runs_dir) / self.run_name()
+        if not current.exists() and not self.name:
+            legacy = Path(self.runs_dir) / self.run_name(legacy=True)
+            if legacy.exists():
+                return legacy
+        return current
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -222,6 +243,22 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     return data
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def resolve_default_dataset(data_dir: str) -> tuple[str, str]:
