@@ -120,3 +120,15 @@ def test_shipped_configs_parse():
     assert files
     for f in files:
         TrainConfig.from_dict(load_config_file(f), source=str(f)).validate()
+
+
+def test_every_train_option_says_what_it_does_and_its_default():
+    from dessilbi.cli.main import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if not action.option_strings or action.dest in ("help", "config", "resume", "overwrite"):
+            continue
+        flag = action.option_strings[0].lstrip("-")
+        assert action.help and action.help.lower() != flag.replace("-", " "), flag
+        assert "default" in action.help, flag

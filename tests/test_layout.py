@@ -21,7 +21,8 @@ def test_files_are_small_and_functions_short(path):
 
 
 def test_every_layer_is_a_subpackage():
-    layers = {"core", "sparsity", "structure", "zoo", "training", "experiments", "paper", "cli"}
+    layers = {"core", "sparsity", "structure", "zoo", "training", "experiments", "paper", "cli",
+              "integrations"}
     assert layers <= {p.name for p in SRC.iterdir() if (p / "__init__.py").exists()}
     loose = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__", "tables", "files"}
     assert not loose, f"modules outside the layers: {loose}"

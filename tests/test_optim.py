@@ -313,8 +313,9 @@ def test_nu_chosen_from_the_number_of_steps():
     opt = DessiLBI(model.parameters(), lr=0.1, kappa=2.0, total_steps=4690)
     assert opt.defaults["nu"] == pytest.approx(0.1 * 2.0 * 4690 / 20)
     assert nu_for_steps(0.05, 1000, path_speed=10) == pytest.approx(5.0)
-    # a very short run: the coupling pulls W at most a tenth of the way to Γ a step
-    assert nu_for_steps(0.1, 5) == pytest.approx(0.1 * 10)
+    assert nu_for_steps(0.1, 5000) == pytest.approx(0.1 * 5000 / 20)
+    assert nu_for_steps(0.1, 5) == 5.0  # the floor: units can still enter
+    assert nu_for_steps(0.01, 1000) == 5.0
     explicit = DessiLBI(model.parameters(), lr=0.1, nu=7.0, total_steps=4690)
     assert explicit.defaults["nu"] == 7.0  # an explicit ν wins
     with pytest.raises(ValueError, match="total_steps"):

@@ -40,7 +40,48 @@ _HELP = {
     "max_train_batches": "truncate every epoch to this many batches (0: whole epoch)",
     "path_every": "record the solution path every N epochs (0: never)",
     "name": "run folder name under --runs-dir (default: derived from the configuration)",
+    "width": "channel multiplier of vgg16_bn / resnet* (narrow starts for growing)",
+    "data_dir": "folder of the datasets (idx / CIFAR batches / ImageNet folders)",
+    "download": "download a missing torchvision dataset into --data-dir",
+    "lr": "learning rate α",
+    "momentum": "momentum factor in [0, 1)",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 penalty of conv / linear weights (never of biases and norms)",
+    "group_norm": "l2 thresholds ‖V_g‖₂, rms thresholds ‖V_g‖₂/√n_g",
+    "conv_penalty": "group (one group per output filter), lasso or none",
+    "exclude": "modules (names as in named_modules()) whose weights get no penalty",
+    "epochs": "number of epochs",
+    "batch_size": "training batch size",
+    "milestones": "epochs at which multistep multiplies the lr by --lr-gamma",
+    "lr_gamma": "lr factor of multistep / step",
+    "step_size": "epochs between lr steps of the step schedule",
+    "seed": "seed of the initial weights, the batches and the augmentation",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
+    "channels_last": "channels-last memory format (faster convolutions on CUDA)",
+    "workers": "DataLoader worker processes",
+    "synthetic_size": "with --dataset synthetic: samples, channels, image size, classes",
+    "init_from": "start from these weights (a run's init.pt: lottery-ticket rewinding)",
+    "mask": "keep the weights outside this mask file at zero",
+    "runs_dir": "where run folders are made",
+    "log_every": "log the training loss every N batches",
+    "progress": "progress bar (only when stderr is a terminal)",
+    "tensorboard": "write TensorBoard event files into the run folder",
 }
+
+
+def _help_of(f: dataclasses.Field[Any]) -> str:
+    """The field's help with its default (argparse shows None: the default is the config's)."""
+    text = _HELP[f.name]
+    if "default" in text:
+        return text
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, list):
+        shown = " ".join(map(str, default)) or "none"
+    else:
+        shown = str(default) if default not in ("", None) else "none"
+    return f"{text} (default: {shown})"
 
 
 def arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
@@ -63,7 +104,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.rstrip("_").replace("_", "-")
         tp, extra = arg_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": None,
-                                  "help": _HELP.get(f.name, f.name.replace("_", " ")), **extra}
+                                  "help": _help_of(f), **extra}
         if tp is not None:
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.rstrip("_").upper()

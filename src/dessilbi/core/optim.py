@@ -47,11 +47,13 @@ PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")
 DEFAULT_NU = 100.0  # the paper's ν, for runs whose length the optimizer is not told
 PATH_SPEED = 20.0  # time constants of the coupling per run: measured in docs/training.md
 MIN_TIME_CONSTANT = 10.0  # steps: the coupling pulls W at most 1/10 of the way to Γ a step
+MIN_NU = 5.0  # below it no unit enters the support before the coupling empties the network
 
 
 def nu_for_steps(lr: float, total_steps: int, kappa: float = 1.0,
                  path_speed: float = PATH_SPEED) -> float:
-    r"""ν for a run of ``total_steps`` optimizer steps: :math:`\nu = \alpha\kappa \max(T / c, 10)`.
+    r"""ν for a run of ``total_steps`` optimizer steps:
+    :math:`\nu = \max(\alpha\kappa \max(T / c, 10),\ 5)`.
 
     V moves by :math:`(\alpha/\nu)(W - \Gamma)` a step, so the coupling's time constant is
     :math:`\nu / (\alpha\kappa)` steps; this ν makes the run last ``c = path_speed`` of them.
@@ -61,10 +63,16 @@ def nu_for_steps(lr: float, total_steps: int, kappa: float = 1.0,
     Full model loses accuracy. The floor of 10 time-constant steps keeps the pull of W towards Γ,
     (ακ/ν)(W − Γ), at most a tenth of the gap a step in very short runs (smoke tests), where a
     larger pull makes W overshoot and diverge.
+
+    The floor ν ≥ 5 keeps units able to enter at all: while Γ is 0 the coupling holds W near
+    ν g, and a unit enters only once V, which grows like W, passes λ; with ν ≈ 1 no unit of a
+    network of usual scale gets there, every weight is pulled to 0 and the network dies (a
+    small CNN on the 8×8 digits, 450 steps at lr 0.05: ν = 1.1 ends at 10 % accuracy with an
+    empty support, ν = 5 at 91 % with 63 % of the weights; the plain-loop tutorial).
     """
     if total_steps < 1:
         raise ValueError(f"invalid total_steps={total_steps!r}: must be a positive integer")
-    return float(lr) * kappa * max(total_steps / path_speed, MIN_TIME_CONSTANT)
+    return max(float(lr) * kappa * max(total_steps / path_speed, MIN_TIME_CONSTANT), MIN_NU)
 
 
 def resolve_penalty(penalty: str, param: Tensor) -> str:

@@ -51,8 +51,9 @@ def lbi_param_groups(
             found by :func:`dessilbi.core.units.classifier_of`: from a forward pass on
             ``example_inputs`` when given, else the last ``nn.Linear`` of the model.
         example_inputs: an input batch (or tuple of inputs) for finding the classifier.
-        conv_options / linear_options: extra per-group hyper-parameters, e.g.
+        conv_options: extra hyper-parameters of the conv group, e.g.
             ``{"lambda_": 0.1, "group_norm": "rms"}`` for the CIFAR settings of the paper.
+        linear_options: extra hyper-parameters of the linear group.
 
     Returns:
         A list of parameter-group dicts (empty groups dropped), each with a ``"name"`` key

@@ -329,9 +329,9 @@ def write_index(out_dir: str | Path = "docs/results") -> Path:
              "time.", ""]
     if (out / "runs").is_dir():
         lines += ["The records of the runs behind the reports (`metrics.jsonl`, `summary.json`, "
-                  "`config.yaml`; no checkpoints) are in [runs/](runs): e.g. `dessilbi report T7 "
-                  "--budget mnist --runs-dir docs/results/runs/mnist` rewrites a report from them "
-                  "without training.", ""]
+                  "`config.yaml`; no checkpoints) are in `docs/results/runs/`: e.g. "
+                  "`dessilbi report T7 --budget mnist --runs-dir docs/results/runs/mnist` "
+                  "rewrites a report from them without training.", ""]
     if (out / "claims.md").exists():
         lines += ["What the numbers say about the paper's claims: [claims.md](claims.md).", ""]
     lines += ["| table | budget | report | data | figure |", "|---|---|---|---|---|"]
