@@ -131,3 +131,31 @@ def test_digits_and_synthetic_always_available():
     assert len(train) + len(test) == 1797 and info.image_size == 28
     train, test, info = load_dataset("synthetic", synthetic_size=(64, 3, 32, 5))
     assert len(train) == 64 and info.num_classes == 5 and train[0][0].shape == (3, 32, 32)
+
+
+class RunsCode:
+    """What a crafted dataset file holds: unpickling it calls a function of the file's choice."""
+
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('code ran')",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch, protocol):
+    from dessilbi.zoo.data import UnsafeDatasetError
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("train", "test"):  # real arrays load, whatever the pickle protocol
+        (folder / name).write_bytes(pickle.dumps(
+            {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+             b"fine_labels": [1, 2, 3, 4]}, protocol=protocol))
+    train, _, _ = load_dataset("cifar100", tmp_path)
+    assert len(train) == 4
+    (folder / "train").write_bytes(pickle.dumps({b"data": RunsCode(), b"fine_labels": []},
+                                                protocol=protocol))
+    with pytest.raises(UnsafeDatasetError, match="exec"):
+        load_dataset("cifar100", tmp_path)
+    assert not (tmp_path / "PWNED").exists()

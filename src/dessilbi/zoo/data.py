@@ -19,6 +19,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "DataInfo",
     "DatasetNotFoundError",
     "CorruptDatasetError",
+    "UnsafeDatasetError",
     "TensorImageDataset",
     "load_dataset",
     "read_idx",
@@ -182,6 +184,27 @@ def _load_mnist_like(name: str, root: Path, train: bool, download: bool) -> tupl
     return x, torch.from_numpy(labels.astype(np.int64)), str(img_p.parent)
 
 
+class UnsafeDatasetError(CorruptDatasetError):
+    """A dataset file asks to run code when loaded; it is refused, nothing of it runs."""
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds (dicts, lists, bytes, numbers, numpy arrays) and
+    refuses every other global, so a crafted file cannot run code (pickle.load would call any
+    function the file names)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise UnsafeDatasetError(f"refused to load {module}.{name}: a CIFAR batch holds "
+                                     f"arrays only; this file would run code")
+        return super().find_class(module, name)
+
+
 def _load_cifar(name: str, root: Path, train: bool, download: bool) -> tuple[
         torch.Tensor, torch.Tensor, str]:
     base = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
@@ -208,9 +231,13 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> tuple[
             raise DatasetNotFoundError(f"{name}: {path} missing")
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _ArraysOnly(f, encoding="bytes").load()
+            if not isinstance(batch, dict):
+                raise CorruptDatasetError(f"{path}: not a CIFAR batch (a {type(batch).__name__})")
             data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(batch[key], dtype=np.int64)
+        except (CorruptDatasetError, UnsafeDatasetError):
+            raise
         except Exception as e:  # truncated pickles raise many different errors
             raise CorruptDatasetError(f"{path}: unreadable or truncated ({e})") from e
         if data.shape[0] != labels.shape[0]:
