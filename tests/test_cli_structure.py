@@ -69,8 +69,18 @@ def test_prune_command_with_onnx(run_dir, tmp_path, capsys):
     assert report["params_after"] < report["params_before"]
     assert report["macs_after"] < report["macs_before"]
     assert report["onnx_max_abs_diff"] < 1e-4
-    model = torch.load(out, weights_only=False)
+    from dessilbi.training.pruned import load_pruned
+
+    torch.load(out, weights_only=True)  # plain tensors and values: no code can run
+    model = load_pruned(out)
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    from dessilbi.training.runs import open_run
+
+    b = open_run(run_dir).build(device="cpu")
+    from dessilbi.training.batches import evaluate
+
+    assert evaluate(model, b.test_set, torch.device("cpu")) == pytest.approx(
+        report["pruned_acc"])  # the rebuilt network is the pruned one
 
 
 def test_lottery_with_imp_and_random(run_dir, capsys):

@@ -67,7 +67,18 @@ def test_grow_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "widths:" in out
     lines = (tmp_path / "g" / "grow.jsonl").read_text().splitlines()
-    assert len(lines) >= 2 and (tmp_path / "g" / "grown_model.pt").exists()
+    assert len(lines) >= 2
+    import json
+
+    from dessilbi.experiments.growing import load_grown
+
+    torch.load(tmp_path / "g" / "grown.pt", weights_only=True)  # no code can run
+    model = load_grown(tmp_path / "g")
+    final = json.loads(lines[-1])
+    assert sum(p.numel() for p in model.parameters()) == final["params"]
+    widths = {n: m.out_channels for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Conv2d)}
+    assert all(widths[n] == w for n, w in final["architecture"].items())
 
 
 def test_every_growing_option_names_the_folder():

@@ -83,6 +83,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..structure.prune import cpu_latency, export_onnx, prune_model
     from ..training.batches import evaluate
+    from ..training.pruned import save_pruned
 
     run = open_run(args.run)
     b = run.build(device="cpu")
@@ -106,7 +107,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(pruned, out)
+    info = b.info
+    save_pruned(out, {"name": run.cfg.model, "num_classes": info.num_classes,
+                      "in_channels": info.in_channels, "image_size": info.image_size,
+                      "width": run.cfg.width}, mask, pruned, tuple(x1.shape))
     if args.onnx:
         report["onnx"] = args.onnx
         report["onnx_max_abs_diff"] = export_onnx(pruned, x1, args.onnx)
@@ -121,7 +125,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(_table(rows))
     print(f"\nmask density {100 * mask.density():.2f}%: Full {report['full_acc']:.2f}%, "
           f"Sparse {sparse:.2f}%, pruned {report['pruned_acc']:.2f}%")
-    print(f"saved {out} (torch.load(path, weights_only=False)) and {out.with_suffix('.json')}")
+    print(f"saved {out} (dessilbi.training.pruned.load_pruned(path)) and "
+          f"{out.with_suffix('.json')}")
     if args.onnx:
         print(f"ONNX {args.onnx}: max |onnxruntime − torch| = {report['onnx_max_abs_diff']:.2e}")
     return 0
@@ -208,7 +213,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
     print(_table(rows))
     first, last = result["stages"][0]["architecture"], result["stages"][-1]["architecture"]
     print("\nwidths: " + ", ".join(f"{k} {first[k]}→{last.get(k, first[k])}" for k in first))
-    print(f"run: {result['run']} (grow.jsonl, grown_model.pt)")
+    print(f"run: {result['run']} (grow.jsonl; grown.pt: dessilbi.experiments.growing.load_grown)")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..core.optimizers import create_optimizer
 from ..structure.grow import (
@@ -29,7 +30,7 @@ from ..training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GrowConfig", "grow"]
+__all__ = ["GrowConfig", "grow", "load_grown", "GROWN_FILE"]
 
 
 @dataclass
@@ -55,6 +56,10 @@ class GrowConfig:
         if self.finetune_epochs < 0:
             raise ValueError(f"invalid finetune_epochs={self.finetune_epochs!r}: must be >= 0")
         return self
+
+
+GROWN_FILE = "grown.pt"
+GROWN_FORMAT = "dessilbi-grown-v1"
 
 
 def _architecture(growables: list[Growable]) -> dict[str, int]:
@@ -133,9 +138,13 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
     stages.append(final)
     with open(log_path, "a") as f:
         f.write(json.dumps(final) + "\n")
-    torch.save(model, run_dir / "grown_model.pt")
-    save_checkpoint({"model": model.state_dict(), "optimizer": loop.built.optimizer.state_dict()},
-                    run_dir / "grown_state.pt")
+    spec = {"name": cfg.model, "num_classes": b.info.num_classes,
+            "in_channels": b.info.in_channels, "image_size": b.info.image_size,
+            "width": cfg.width}
+    save_checkpoint({"format": GROWN_FORMAT, "model_spec": spec, "architecture":
+                     final["architecture"], "example_shape": list(example.shape),
+                     "model": model.state_dict(), "optimizer": loop.built.optimizer.state_dict()},
+                    run_dir / GROWN_FILE)
     return {"run": str(run_dir), "stages": stages}
 
 
@@ -157,3 +166,23 @@ def _grown(cfg: TrainConfig, b: Any, to_grow: list[Growable], gen: torch.Generat
     sched = make_scheduler(cfg, opt)
     sched.load_state_dict(b.scheduler.state_dict())
     return dataclasses.replace(b, optimizer=opt, scheduler=sched)
+
+
+def load_grown(path: str | Path) -> nn.Module:
+    """The grown network of a growing run (its folder or its ``grown.pt``), rebuilt from the
+    recipe — the dense model at its starting width, each growable layer widened to its final
+    width — and loaded with the trained weights; the file holds tensors and values only."""
+    from ..files import CheckpointError, load_checkpoint
+    from ..zoo.models import create_model
+
+    path = Path(path)
+    state = load_checkpoint(path / GROWN_FILE if path.is_dir() else path)
+    if not isinstance(state, dict) or state.get("format") != GROWN_FORMAT:
+        raise CheckpointError(f"{path}: not a grown model saved by dessilbi ({GROWN_FORMAT})")
+    model = create_model(**state["model_spec"])
+    gen = torch.Generator().manual_seed(0)  # the new filters are overwritten by the weights
+    for g in find_growable(model, torch.zeros(state["example_shape"])):
+        if state["architecture"].get(g.name, g.conv.out_channels) > g.conv.out_channels:
+            grow_layer(g, state["architecture"][g.name], gen)
+    model.load_state_dict(state["model"])
+    return model.eval()
