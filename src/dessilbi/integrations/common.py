@@ -43,7 +43,9 @@ def _split(batch: Batch) -> tuple[Any, Tensor]:
 
 def _logits(model: nn.Module, inputs: Any) -> Tensor:
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return out.logits if hasattr(out, "logits") else out
+    if isinstance(out, dict):  # a dict or a transformers ModelOutput
+        return out["logits"]
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
