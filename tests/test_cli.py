@@ -132,3 +132,36 @@ def test_every_train_option_says_what_it_does_and_its_default():
         flag = action.option_strings[0].lstrip("-")
         assert action.help and action.help.lower() != flag.replace("-", " "), flag
         assert "default" in action.help, flag
+
+
+BAD_CONFIG_VALUES = [
+    ("epochs: 1.5", "invalid epochs=1.5: expected an integer"),
+    ("seed: abc", "invalid seed='abc': expected an integer"),
+    ("momentum: '0.5'", "invalid momentum='0.5': expected a number"),
+    ("nesterov: 'no'", "invalid nesterov='no': expected true or false"),
+    ("fused: 'false'", "invalid fused='false': expected true or false"),
+    ("milestones: [1, a]", "invalid milestones=[1, 'a']: expected a list of integers"),
+    ("log_every: 0", "invalid log_every=0: must be an integer >= 1"),
+    ("device: foo", "invalid device='foo'"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_CONFIG_VALUES)
+def test_a_config_value_of_the_wrong_type_is_one_clean_line(tmp_path, capsys, line, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: digits\nepochs: 1\n{line}\n")
+    assert main(["train", "--config", str(cfg), "--runs-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "invalid log_every=0"),
+    (["--device", "foo"], "invalid device='foo'"),
+])
+def test_bad_flags_are_one_clean_line(tmp_path, capsys, flags, message):
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--runs-dir",
+                 str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -13,6 +13,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,11 @@ class TrainConfig:
         def bad(f: str, why: str) -> ConfigError:
             return ConfigError(f"invalid {f}={getattr(self, f)!r}: {why}")
 
+        _check_types(self)
+        if self.log_every < 1:
+            raise bad("log_every", "must be an integer >= 1")
+        if not _DEVICE.fullmatch(self.device):
+            raise bad("device", "choose auto, cpu, cuda, cuda:N, mps or xpu")
         if self.model not in MODELS:
             raise bad("model", f"choose one of {', '.join(sorted(MODELS))}")
         if self.dataset not in DATASETS + ("default",):
@@ -243,6 +251,46 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     return data
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``tp`` (no coercion: 'no' is not a bool,
+    1.5 is not an integer, '0.5' is not a number)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_fits(v, inner) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _kind(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in typing.get_args(tp) if a is not type(None)) \
+            + " (or null)"
+    if origin is list:
+        return f"a list of {_kind(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    return _KINDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _fits(value, hints[f.name]):
+            raise ConfigError(f"invalid {f.name}={value!r}: expected {_kind(hints[f.name])}")
 
 
 def _default_of(f: dataclasses.Field[Any]) -> Any:
