@@ -159,3 +159,17 @@ def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch, pro
     with pytest.raises(UnsafeDatasetError, match="exec"):
         load_dataset("cifar100", tmp_path)
     assert not (tmp_path / "PWNED").exists()
+
+
+
+def test_a_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    from torchvision import datasets
+
+    def offline(*_a, **_k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(datasets, "MNIST", offline)
+    with pytest.raises(DatasetNotFoundError, match="download failed"):
+        load_dataset("mnist", tmp_path, download=True)

@@ -257,6 +257,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     ck = load_checkpoint(good.run_dir() / "checkpoint.pt")
     assert ck["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    # diverging in the first epoch: there is no checkpoint to point at, and it says so
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
+        train(cfg(tmp_path, epochs=1, name="fresh"))
 
 
 def test_schedules_and_baseline(tmp_path):

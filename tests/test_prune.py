@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from dessilbi import DessiLBI, lbi_param_groups
 from dessilbi.sparsity.masks import Mask
@@ -88,3 +89,29 @@ def test_pruned_model_saves_loads_and_exports(tmp_path):
     assert diff < 1e-4
     assert cpu_latency(res.model, x, reps=3) > 0
     assert copy.deepcopy(res.model) is not None
+
+
+
+class ChannelsLast(nn.Module):
+    """Permutes the channels to the last axis before its Linear: a layout the dependency graph
+    reads as channel-major."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_a_network_pruned_wrongly_is_refused():
+    from dessilbi.sparsity import Mask
+    from dessilbi.structure.prune import PruneError, prune_model
+
+    torch.manual_seed(0)
+    model = ChannelsLast()
+    keep = torch.tensor([True, False, True, True]).reshape(4, 1, 1, 1).expand(4, 1, 3, 3)
+    mask = Mask({"conv.weight": keep.clone()}, {"conv.weight": "group"})
+    with pytest.raises(PruneError, match="differs from the masked one"):
+        prune_model(model, mask, torch.randn(2, 1, 6, 6))

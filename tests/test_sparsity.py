@@ -138,3 +138,18 @@ def test_entry_tracker_first_epoch_and_masks_at_epoch():
     assert tr.units_at(3)["w"].tolist() == [False, True, False]
     again = EntryTracker(tr.state_dict())
     assert again.units_at(2)["w"].tolist() == [True, True, False]
+
+
+
+def test_a_mask_of_another_shape_is_refused():
+    import torch
+    from torch import nn
+
+    from dessilbi.sparsity import Mask
+
+    model = nn.Sequential(nn.Linear(100, 10))
+    mask = Mask({"0.weight": torch.ones(1, 100, dtype=torch.bool)}, {"0.weight": "lasso"})
+    with pytest.raises(ValueError, match="another model"):
+        mask.apply_(model)
+    with pytest.raises(ValueError, match="another model"), mask.applied(model):
+        pass

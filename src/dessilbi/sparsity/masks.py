@@ -59,9 +59,7 @@ def named_penalties(model: nn.Module, opt: DessiLBI) -> dict[str, str]:
 def applied_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Module]:
     """Temporarily set ``W ← W ⊙ mask``; the original weights are restored exactly on exit."""
     params = dict(unwrap(model).named_parameters())
-    unknown = set(masks) - set(params)
-    if unknown:
-        raise KeyError(f"masks name parameters the model does not have: {sorted(unknown)[:5]}")
+    _check_fits(masks, params)
     saved = {n: params[n].detach().clone() for n in masks}
     try:
         with torch.no_grad():
@@ -319,6 +317,7 @@ class Mask:
     def apply_(self, model: nn.Module) -> nn.Module:
         """Zero the masked weights of ``model`` permanently."""
         params = dict(unwrap(model).named_parameters())
+        _check_fits(self.masks, params)
         for n, m in self.masks.items():
             params[n].mul_(m.to(params[n].device, params[n].dtype))
         return model
@@ -350,6 +349,18 @@ class Mask:
                 and all(torch.equal(self.masks[k], other.masks[k]) for k in self.masks))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _check_fits(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """Every mask names a parameter of the model and has exactly its shape (a mask of another
+    model must not broadcast silently)."""
+    unknown = set(masks) - set(params)
+    if unknown:
+        raise KeyError(f"masks name parameters the model does not have: {sorted(unknown)[:5]}")
+    for n, m in masks.items():
+        if tuple(m.shape) != tuple(params[n].shape):
+            raise ValueError(f"invalid mask for {n}: shape {tuple(m.shape)}, the parameter has "
+                             f"{tuple(params[n].shape)} (a mask of another model?)")
 
 
 def _check_density(density: float) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..sparsity.masks import Mask, unwrap
 log = logging.getLogger(__name__)
 
 __all__ = ["PruneResult", "prune_model", "channel_masked", "prunable_channels", "count_cost",
-           "cpu_latency", "export_onnx"]
+           "cpu_latency", "export_onnx", "PruneError"]
 
 
 @dataclass
@@ -146,7 +147,28 @@ def prune_model(model: nn.Module, mask: Mask, example: Tensor) -> PruneResult:
         removed[names.get(id(root), "?")] = len(idxs)
         group.prune()
     macs1, params1 = count_cost(work, example)
+    _check_same_function(channel_masked(model, mask, example), work, example)
     return PruneResult(work, removed, params0, params1, macs0, macs1)
+
+
+class PruneError(ValueError):
+    """The pruned network does not compute what the masked one computes."""
+
+
+@torch.no_grad()
+def _check_same_function(masked: nn.Module, pruned: nn.Module, example: Tensor,
+                         tol: float = 1e-4) -> None:
+    """Refuse a pruned network whose output differs from the channel-masked one (a layout the
+    dependency graph misreads, e.g. channels permuted before a Linear)."""
+    masked.eval()
+    pruned.eval()
+    a, b = masked(example), pruned(example)
+    diff = float((a - b).abs().max()) if a.shape == b.shape else math.inf
+    scale = max(1.0, float(a.abs().max()))
+    if not diff <= tol * scale:
+        raise PruneError(f"the pruned network differs from the masked one by {diff:.3g} on the "
+                         f"example input; this architecture is not pruned correctly, use "
+                         f"channel_masked() for it instead")
 
 
 @torch.no_grad()

@@ -90,9 +90,11 @@ class NonFiniteGuard:
         if loop.batch % self.every and loop.batch != loop.n_batches:
             return
         if loop.sums is not None and bool(loop.sums.nonfinite):
+            last = (f"the last good checkpoint is {self.checkpoint}"
+                    if self.checkpoint.exists() else "no checkpoint was written before it")
             raise NonFiniteLossError(
-                f"loss became NaN/Inf in epoch {loop.epoch + 1} before batch {loop.batch}; the "
-                f"last good checkpoint is {self.checkpoint} (try a smaller lr)")
+                f"loss became NaN/Inf in epoch {loop.epoch + 1} before batch {loop.batch}; "
+                f"{last} (try a smaller lr)")
 
 
 class SparseMetrics:

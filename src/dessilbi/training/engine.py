@@ -22,6 +22,7 @@ stateful callback are restored, mid-epoch too after Ctrl-C. A NaN / Inf loss rai
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -47,6 +48,7 @@ LOCK = ".lock"
 
 __all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "default_callbacks",
            "finished_summary", "train"]
+DDP_TIMEOUT_MINUTES = 10  # a collective waiting longer means a rank has stopped
 
 
 class RunExistsError(RuntimeError):
@@ -75,7 +77,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     """Train ``cfg``; returns the run summary (also in ``summary.json``)."""
     d = Dist.from_env()
     if d.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # a rank that stops (crash, Ctrl-C) makes the others fail after the timeout instead of
+        # blocking in a collective forever
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
     cfg, dataset_note = cfg.validate().resolved()
     run_dir = cfg.run_dir()
     if resume and (done := finished_summary(run_dir, cfg.epochs)) is not None:

@@ -158,6 +158,15 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
     return None
 
 
+def _download(name: str, fetch: Callable[[], Any]) -> None:
+    """Run torchvision's download, turning a network failure into one clear error."""
+    try:
+        fetch()
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises both
+        raise DatasetNotFoundError(f"{name}: download failed ({e}); check the network, or put "
+                                   f"the files under --data-dir yourself") from e
+
+
 def _load_mnist_like(name: str, root: Path, train: bool, download: bool) -> tuple[
         torch.Tensor, torch.Tensor, str]:
     folder = "MNIST" if name == "mnist" else "FashionMNIST"
@@ -169,7 +178,7 @@ def _load_mnist_like(name: str, root: Path, train: bool, download: bool) -> tupl
         from torchvision import datasets
 
         cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-        cls(str(root), train=train, download=True)
+        _download(name, lambda: cls(str(root), train=train, download=True))
         img_p, lab_p = (_find_idx(dirs, s) for s in _IDX_FILES[train])
     if img_p is None or lab_p is None:
         hint = ("`apt-get install dataset-fashion-mnist`, or " if name == "fashion-mnist" else "")
@@ -212,8 +221,8 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> tuple[
     if not folder.is_dir() and download:
         from torchvision import datasets
 
-        (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(
-            str(root), train=train, download=True)
+        cls10 = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        _download(name, lambda: cls10(str(root), train=train, download=True))
     if not folder.is_dir():
         raise DatasetNotFoundError(
             f"{name}: folder {folder} not found; pass --data-dir pointing at the folder that "
