@@ -125,3 +125,65 @@ def test_lottery_branches_carry_their_settings(run_dir, capsys):
     records = [json.loads((f / "lottery.json").read_text())["records"] for f in folders]
     runs = {r["run"] for rec in records for r in rec}
     assert len(runs) == 3 * 3  # gamma, random, dense in each branch: nothing shared
+
+
+BAD_STRUCTURE_INPUTS = [
+    (["imp", "--from", "{run}", "--density", "2"], "--density: invalid value '2'"),
+    (["imp", "--from", "{run}", "--density", "0.5", "--rounds", "0"],
+     "--rounds: invalid value '0'"),
+    (["imp", "--from", "{run}"], "required: --density"),
+    (["path", "{run}", "--max-drop", "-1"], "--max-drop: invalid value '-1'"),
+    (["path", "{run}", "--max-density", "1.5"], "--max-density: invalid value '1.5'"),
+    (["lottery", "--from", "{run}", "--epoch", "0"], "--epoch: invalid value '0'"),
+    (["lottery", "--from", "{run}", "--epoch", "99"], "invalid epoch=99"),
+    (["lottery", "--from", "{run}", "--epoch", "1", "--lr", "-1"], "--lr: invalid value '-1'"),
+    (["mask", "{run}", "--density", "2"], "invalid density=2.0"),
+    (["mask", "{run}", "--out", "{tmp}"], "it is a directory"),
+    (["prune", "{run}", "--density", "0.5", "--out", "{tmp}"], "it is a directory"),
+    (["grow", "--tau", "2"], "--tau: invalid value '2'"),
+    (["grow", "--grow-every", "0"], "--grow-every: invalid value '0'"),
+    (["eval", "{tmp}/nothing"], "not found"),
+    (["train", "--dataset", "digits", "--runs-dir", "/dev/null/x"], "Not a directory"),
+    (["train", "--nosuch", "1"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_STRUCTURE_INPUTS)
+def test_every_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, message):
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing written
+
+
+def exit_code(argv: list[str]) -> int:
+    """main's return code, or argparse's exit code for a bad command line."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('code ran')",))
+
+
+@pytest.mark.parametrize("command", [["eval", "{f}"], ["mask", "{f}"], ["plot", "{f}"],
+                                     ["prune", "{f}", "--out", "p.pt"],
+                                     ["train", "--dataset", "digits", "--mask", "{f}"],
+                                     ["train", "--dataset", "digits", "--init-from", "{f}"]])
+def test_a_crafted_file_never_runs_code(tmp_path, monkeypatch, capsys, command):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    crafted = tmp_path / "checkpoint.pt"
+    crafted.write_bytes(pickle.dumps({"model": RunsCode()}))
+    argv = [a.format(f=crafted) for a in command] + (
+        ["--runs-dir", str(tmp_path / "r"), "--epochs", "1"] if command[0] == "train" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a file of tensors" in err[0], err
+    assert not (tmp_path / "PWNED").exists()

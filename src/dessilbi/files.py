@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _reason(e: Exception) -> str:
+    """Why torch.load refused a file, in one line and without torch's advice to load it with
+    ``weights_only=False`` (which would run whatever code a crafted file names)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if not lines or not lines[0].startswith("Weights only load failed"):
+        return (lines or [type(e).__name__])[0][:160]
+    detail = next((x for x in lines[1:] if not x.startswith(("Please file", "Check the"))), "")
+    return f"not a file of tensors and plain values: {detail or 'refused'}"[:160]
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, wrong magic: all the same to the user
         prev = path.with_name(path.name + ".prev")
         hint = f"; the previous checkpoint {prev} may be intact" if prev.exists() else ""
-        raise CheckpointError(f"checkpoint {path} is corrupted or unreadable ({e}){hint}") from e
+        # the first line only: torch appends paragraphs of advice (weights_only=False) that
+        # must not be followed for a file someone else wrote
+        raise CheckpointError(f"checkpoint {path} is corrupted or unreadable "
+                              f"({_reason(e)}){hint}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict")
     return obj

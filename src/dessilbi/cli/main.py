@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from ..files import CheckpointError
 from ..tables import format_table
 from ..training.config import ConfigError, TrainConfig
 from ..zoo.data import CorruptDatasetError, DatasetNotFoundError
-from .options import add_config_arguments, arg_type, config_from_args
+from .options import Parser, add_config_arguments, arg_type, config_from_args
 
 __all__ = ["main"]
 
@@ -154,9 +155,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dessilbi", description="Train with DessiLBI and read off "
-                                "the sparse structure it finds.")
+    p = Parser(prog="dessilbi", description="Train with DessiLBI and read off "
+               "the sparse structure it finds.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also DESSILBI_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model (no options: the README's main job)")
@@ -187,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """An error as one line (OSError: the file and the reason; KeyError: its message)."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError,
-            RunExistsError, RunLockedError, ValueError, FileNotFoundError) as e:
-        print(f"dessilbi: error: {e}", file=sys.stderr)
+            RunExistsError, RunLockedError, ValueError, KeyError, OSError) as e:
+        if args.debug or os.environ.get("DESSILBI_DEBUG") == "1":
+            raise
+        print(f"dessilbi: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"dessilbi: stopped: {e}", file=sys.stderr)

@@ -10,7 +10,36 @@ from typing import Any
 
 from ..training.config import TrainConfig, load_config_file
 
-__all__ = ["add_config_arguments", "config_from_args"]
+__all__ = ["add_config_arguments", "config_from_args", "Parser", "fraction", "positive_int",
+           "count", "nonnegative", "positive"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad command line (``dessilbi CMD: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: Any, ok: Any, why: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {why}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {why}")
+        return value
+
+    parse.__name__ = why  # argparse names the type in some messages
+    return parse
+
+
+fraction = _number(float, lambda v: 0.0 < v <= 1.0, "expected a fraction in (0, 1]")
+positive_int = _number(int, lambda v: v >= 1, "expected an integer >= 1")
+count = _number(int, lambda v: v >= 0, "expected an integer >= 0")
+nonnegative = _number(float, lambda v: v >= 0.0, "expected a number >= 0")
+positive = _number(float, lambda v: v > 0.0, "expected a number > 0")
 
 
 _HELP = {

@@ -14,6 +14,7 @@ from ..sparsity.masks import Mask, format_report
 from ..tables import format_table as _table
 from ..training.config import TrainConfig
 from ..training.runs import choose_epoch, open_run, pareto_front
+from .options import count, fraction, nonnegative, positive, positive_int
 
 log = logging.getLogger("dessilbi")
 
@@ -220,11 +221,11 @@ def cmd_grow(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 def _retrain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", required=True, help="the DessiLBI run folder")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="retraining epochs (default: the run's)")
     p.add_argument("--optimizer", default="sgd-momentum")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--lr", type=positive, default=None)
+    p.add_argument("--weight-decay", type=nonnegative, default=None)
     p.add_argument("--schedule", default=None)
     p.add_argument("--milestones", type=int, nargs="*", default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -245,9 +246,9 @@ def register(sub: Any) -> None:
                        "choose an epoch")
     p.add_argument("run")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-drop", type=float, help="sparsest epoch within this many points of "
+    g.add_argument("--max-drop", type=nonnegative, help="sparsest epoch within this many points of "
                    "the best Full accuracy")
-    g.add_argument("--max-density", type=float, help="most accurate epoch at this density")
+    g.add_argument("--max-density", type=fraction, help="most accurate epoch at this density")
     p.add_argument("--save-mask", help="save the chosen epoch's mask here")
     p.set_defaults(func=cmd_path)
 
@@ -270,15 +271,15 @@ def register(sub: Any) -> None:
     lt = sub.add_parser("lottery", help="retrain the Γ-support ticket of an epoch from the "
                         "initialisation; compare with a random mask, IMP and dense")
     _retrain_options(lt)
-    lt.add_argument("--epoch", type=int, required=True)
-    lt.add_argument("--imp-rounds", type=int, default=0,
+    lt.add_argument("--epoch", type=positive_int, required=True)
+    lt.add_argument("--imp-rounds", type=count, default=0,
                     help="also run IMP to the ticket's density in this many rounds")
     lt.set_defaults(func=cmd_lottery)
 
     im = sub.add_parser("imp", help="iterative magnitude pruning with rewinding")
     _retrain_options(im)
-    im.add_argument("--density", type=float, required=True)
-    im.add_argument("--rounds", type=int, default=3)
+    im.add_argument("--density", type=fraction, required=True)
+    im.add_argument("--rounds", type=positive_int, default=3)
     im.set_defaults(func=cmd_imp)
 
     from .options import add_config_arguments
@@ -286,10 +287,11 @@ def register(sub: Any) -> None:
     gr = sub.add_parser("grow", help="start a narrow VGG / ResNet and widen the layers whose "
                         "selected fraction exceeds τ (journal version)")
     gr.add_argument("--config", help="YAML or TOML file of training options")
-    gr.add_argument("--tau", type=float, default=0.8, help="grow a layer when more than this "
+    gr.add_argument("--tau", type=fraction, default=0.8, help="grow a layer when more than this "
                     "fraction of its filters is in supp(Γ)")
-    gr.add_argument("--grow-every", type=int, default=2, help="epochs between growth checks")
-    gr.add_argument("--max-stages", type=int, default=10)
-    gr.add_argument("--finetune-epochs", type=int, default=5)
+    gr.add_argument("--grow-every", type=positive_int, default=2,
+                    help="epochs between growth checks")
+    gr.add_argument("--max-stages", type=positive_int, default=10)
+    gr.add_argument("--finetune-epochs", type=count, default=5)
     add_config_arguments(gr)
     gr.set_defaults(func=cmd_grow)
