@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.core.target import SparsityTarget
+from dessilbi.core.target import ALLOCATIONS, SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters
 from dessilbi.sparsity.masks import Mask
 from dessilbi.structure.prune import count_cost, prune_model
@@ -61,6 +61,7 @@ class Setup:
     lr: float
     batch_size: int
     max_batches: int  # 0 = whole epochs
+    allocation: str = "global"  # SparsityTarget's ranking of units across layers
 
 
 @dataclass
@@ -156,7 +157,8 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
     opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]),
                    lr=setup.lr, momentum=0.9)
     ctl = SparsityTarget(opt, target, setup.epochs * steps_per_epoch(setup, data),
-                         freeze=freeze, coupled=coupled_parameters(model, example))
+                         freeze=freeze, allocation=setup.allocation,
+                         coupled=coupled_parameters(model, example))
     seconds = train(setup, data, model, opt, after_step=ctl.step)
     pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
     return pruned, seconds
@@ -269,6 +271,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-batches", type=int, default=0)
+    ap.add_argument("--allocation", default="global", choices=ALLOCATIONS)
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -276,7 +279,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
-                      args.batch_size, args.max_batches)
+                      args.batch_size, args.max_batches, args.allocation)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())
