@@ -56,7 +56,7 @@ def test_sweep_runs_missing_and_reuses(tmp_path, capsys):
 
 def test_sweep_twice_on_the_default_dataset(tmp_path, monkeypatch, capsys):
     """The default dataset is resolved before the grid point is named (was: KeyError)."""
-    monkeypatch.setattr("dessilbi.training.config.DEBIAN_FASHION_MNIST", tmp_path / "none")
+    monkeypatch.setattr("dessilbi.zoo.data.DEBIAN_FASHION_MNIST", tmp_path / "none")
     args = ["sweep", "--model", "lenet3", "--epochs", "1", "--max-train-batches", "2",
             "--data-dir", str(tmp_path / "data"), "--no-progress", "--no-tensorboard",
             "--runs-dir", str(tmp_path / "runs"), "--grid", "nu=5", "--out", str(tmp_path / "s")]
@@ -165,3 +165,18 @@ def test_bad_flags_are_one_clean_line(tmp_path, capsys, flags, message):
                  str(tmp_path / "r"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_help_and_parsing_do_not_load_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from dessilbi.cli.main import build_parser\n"
+            "p = build_parser()\n"
+            "for argv in (['train', '--nu', '5'], ['mask', 'RUN'], ['reproduce', 'T7'],\n"
+            "             ['grow', '--tau', '0.5']):\n"
+            "    p.parse_args(argv)\n"
+            "p.format_help()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

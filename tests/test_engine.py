@@ -126,7 +126,7 @@ def test_the_nu_chosen_for_the_run_is_reported(tmp_path):
 
 
 def test_the_default_dataset_choice_is_logged(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("dessilbi.training.config.DEBIAN_FASHION_MNIST", tmp_path / "none")
+    monkeypatch.setattr("dessilbi.zoo.data.DEBIAN_FASHION_MNIST", tmp_path / "none")
     with caplog.at_level("INFO", logger="dessilbi.training"):
         train(cfg(tmp_path, dataset="default", data_dir=str(tmp_path), epochs=1,
                   max_train_batches=1))

@@ -11,18 +11,47 @@ Public API::
     ...  loss.backward(); opt.step(); target.step()
 """
 
-from .core.optim import (
-    PENALTY_CHOICES,
-    DessiLBI,
-    dessilbi_update,
-    nu_for_steps,
-    resolve_penalty,
-    unwrap_optimizer,
-)
-from .core.param_groups import lbi_param_groups
-from .core.prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
-from .core.target import SparsityTarget, support_fraction
-from .core.units import classifier_of, coupled_parameters, unit_density
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.optim import (
+        PENALTY_CHOICES,
+        DessiLBI,
+        dessilbi_update,
+        nu_for_steps,
+        resolve_penalty,
+        unwrap_optimizer,
+    )
+    from .core.param_groups import lbi_param_groups
+    from .core.prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
+    from .core.target import SparsityTarget, support_fraction
+    from .core.units import classifier_of, coupled_parameters, unit_density
+
+# name → module: the public names are imported on first use (PEP 562), so that importing a
+# torch-free part of the package (the command line's parser, a configuration) stays fast
+_EXPORTS = {
+    **dict.fromkeys(("PENALTY_CHOICES", "DessiLBI", "dessilbi_update", "nu_for_steps",
+                     "resolve_penalty", "unwrap_optimizer"), ".core.optim"),
+    "lbi_param_groups": ".core.param_groups",
+    **dict.fromkeys(("group_norms", "group_scale", "group_soft_threshold", "prox",
+                     "soft_threshold"), ".core.prox"),
+    **dict.fromkeys(("SparsityTarget", "support_fraction"), ".core.target"),
+    **dict.fromkeys(("classifier_of", "coupled_parameters", "unit_density"), ".core.units"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dessilbi' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

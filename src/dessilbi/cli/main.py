@@ -22,10 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import CheckpointError
 from ..tables import format_table
 from ..training.config import ConfigError, TrainConfig
-from ..zoo.data import CorruptDatasetError, DatasetNotFoundError
 from .options import Parser, add_config_arguments, arg_type, config_from_args
 
 __all__ = ["main"]
@@ -183,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(s)
     s.set_defaults(func=cmd_sweep)
     from .paper import register as register_paper
-    from .structure import register as register_structure
+    from .structure_args import register as register_structure
 
     register_structure(sub)
     register_paper(sub)
@@ -203,7 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
+    # imported after parsing: they load torch, which --help and a bad command line never need
+    from ..files import CheckpointError
     from ..training.engine import NonFiniteLossError, RunExistsError, RunLockedError
+    from ..zoo.data import CorruptDatasetError, DatasetNotFoundError
 
     try:
         return int(args.func(args) or 0)

@@ -18,11 +18,14 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.optimizers import OPTIMIZERS, OptimizerConfig
-from ..zoo.data import DATASETS, DEBIAN_FASHION_MNIST
-from ..zoo.models import MODELS
+if TYPE_CHECKING:
+    from ..core.optimizers import OptimizerConfig
+
+# The registries (models, datasets, optimizers) import torch; they are read when a
+# configuration is validated or built, not when it is imported, so that the command line can
+# parse (and --help) without loading torch.
 
 __all__ = ["TrainConfig", "ConfigError", "load_config_file", "resolve_default_dataset"]
 
@@ -97,6 +100,10 @@ class TrainConfig:
             raise bad("log_every", "must be an integer >= 1")
         if not _DEVICE.fullmatch(self.device):
             raise bad("device", "choose auto, cpu, cuda, cuda:N, mps or xpu")
+        from ..core.optimizers import OPTIMIZERS
+        from ..zoo.data import DATASETS
+        from ..zoo.models import MODELS
+
         if self.model not in MODELS:
             raise bad("model", f"choose one of {', '.join(sorted(MODELS))}")
         if self.dataset not in DATASETS + ("default",):
@@ -160,6 +167,8 @@ class TrainConfig:
         return dataclasses.replace(self, dataset=dataset), note
 
     def optimizer_config(self) -> OptimizerConfig:
+        from ..core.optimizers import OptimizerConfig
+
         names = {f.name for f in fields(OptimizerConfig)} - {"name"}
         return OptimizerConfig(name=self.optimizer,
                                **{k: getattr(self, k) for k in names if hasattr(self, k)})
@@ -311,6 +320,8 @@ def _file_digest(path: Path) -> str:
 
 def resolve_default_dataset(data_dir: str) -> tuple[str, str]:
     """The dataset of ``dataset="default"``: Fashion-MNIST if found, else digits (and why)."""
+    from ..zoo.data import DEBIAN_FASHION_MNIST
+
     for d in (Path(data_dir) / "FashionMNIST" / "raw", Path(data_dir), DEBIAN_FASHION_MNIST):
         if any((d / f"train-images-idx3-ubyte{s}").is_file() for s in ("", ".gz")):
             return "fashion-mnist", f"Fashion-MNIST found in {d}"
