@@ -58,7 +58,7 @@ def test_support_fraction_reaches_the_target_monotonically(density, select, sche
         assert values[0] == pytest.approx(1.0) and all(a >= b - 1e-12 for a, b in pairs)
 
 
-@pytest.mark.parametrize("allocation", ["global", "layer", "rms"])
+@pytest.mark.parametrize("allocation", ["global", "layer"])
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.8])
 def test_hits_the_target_and_trains_the_subnetwork(density, allocation):
     model = conv_net()

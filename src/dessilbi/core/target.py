@@ -42,7 +42,7 @@ from .units import unit_counts, unit_mask
 __all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS"]
 
 SCHEDULES: tuple[str, ...] = ("grow", "shrink")
-ALLOCATIONS: tuple[str, ...] = ("global", "layer", "rms")
+ALLOCATIONS: tuple[str, ...] = ("global", "layer")
 
 
 def support_fraction(step: int, select_step: int, density: float, schedule: str = "grow") -> float:
@@ -93,12 +93,7 @@ class SparsityTarget:
             ``False`` keeps the pure DessiLBI path (λ holds the support at the target).
         schedule: ``"grow"`` (default) or ``"shrink"``, see :func:`support_fraction`.
         allocation: ``"global"`` ranks units of all layers together by ‖V_g‖ over the layer's
-            initial unit norm; ``"rms"`` the same with ‖V_g‖ / √n_g (units with few weights,
-            e.g. early conv filters, are not ranked below wide neurons for their size: LeNet-5
-            on MNIST, seed 0, 30 / 50 / 70 % of units: 98.85 / 98.96 / 98.95 % against
-            98.82 / 98.68 / 98.80 % global; on Fashion-MNIST 90.17 / 89.74 / 90.04 % against
-            90.20 / 90.01 / 90.11 %: docs/peers.md); ``"layer"`` keeps ``density`` of every
-            layer.
+            initial unit norm; ``"layer"`` keeps ``density`` of every layer.
         min_units: with global allocation, no layer keeps fewer units than this.
         nu: ``"auto"`` derives ν from the budget (``α κ T_s / path_speed``); a number sets it;
             ``None`` keeps the optimizer's ν.
@@ -207,9 +202,6 @@ class SparsityTarget:
         if self.allocation == "layer":
             return [round(fraction * s) for s in sizes]
         scales = self.scales
-        if self.allocation == "rms":  # V per weight of the unit: small units not penalised
-            scales = [s * math.sqrt(max(1, p[0].numel() if p.ndim >= 2 else 1))
-                      for s, p in zip(self.scales, self.params)]
         scores = torch.cat([n / s for n, s in zip(norms, scales)])
         k = round(fraction * scores.numel())
         cut = _threshold_keeping(scores, k)
