@@ -171,3 +171,13 @@ def test_norms_layer_scales_and_declared_parameters_get_no_weight_decay() -> Non
     assert ids(groups["other"]["params"]) == ids([net.mix, net.head.weight])  # + classifier
     assert groups["other"]["weight_decay"] == 0.05
     assert id(net.embed.weight) in ids(groups["linear"]["params"])
+
+
+
+def test_transposed_convolutions_are_not_grouped_by_input_channel():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ConvTranspose2d(4, 6, 3), nn.Flatten(),
+                        nn.LazyLinear(2))
+    net(torch.zeros(1, 1, 8, 8))
+    groups = {g["name"]: g for g in lbi_param_groups(net)}
+    assert ids(groups["conv"]["params"]) == ids([net[0].weight])
+    assert id(net[1].weight) in ids(groups["other"]["params"])  # (in, out, k, k): not penalised

@@ -1,6 +1,7 @@
 """Parameter groups for :class:`~dessilbi.DessiLBI`, decided from module types.
 
-Convolution weights get the structural ``"group"`` penalty (one group per output filter), linear
+Convolution weights get the structural ``"group"`` penalty (one group per output filter; transposed
+convolutions, whose weights are laid out input-first, are left unpenalised), linear
 weights one group per output neuron, so that every unit of the support can be removed from the
 network; the classifier (the layer producing the outputs) is left whole, and biases,
 normalisation layers and everything else get ``"none"`` (plain SGD-momentum). The paper's
@@ -20,6 +21,8 @@ from torch import nn
 
 from .optim import PENALTY_CHOICES
 from .units import CONV_TYPES, LINEAR_TYPES, NORM_TYPES, classifier_of
+
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 __all__ = ["lbi_param_groups", "NORM_TYPES", "CONV_TYPES", "LINEAR_TYPES"]
 
@@ -107,7 +110,9 @@ def _bucket_of(module: nn.Module, p: nn.Parameter, excluded: set[int],
     if isinstance(module, CONV_TYPES + LINEAR_TYPES) and not is_weight:
         return "no_decay"  # the bias
     if id(module) not in excluded and is_weight and isinstance(module, CONV_TYPES):
-        return "conv"
+        # a transposed convolution stores its weight as (in, out, ...): a group along dim 0
+        # would be an input channel, not an output filter, so it is not penalised
+        return "other" if isinstance(module, TRANSPOSED_CONV_TYPES) else "conv"
     if id(module) not in excluded and is_weight and isinstance(module, LINEAR_TYPES):
         return "linear"
     # vectors (layer scales, per-channel gains) and what the model declares
