@@ -180,3 +180,12 @@ def test_help_and_parsing_do_not_load_torch():
             "p.format_help()\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_of_a_run_without_gamma_says_so(tmp_path, capsys):
+    assert main(["train", *TINY, "--optimizer", "sgd-momentum", "--runs-dir", str(tmp_path),
+                 "--name", "sgd"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "sgd")]) == 0
+    cells = capsys.readouterr().out.splitlines()[-1].split()  # Full, Sparse, density
+    assert cells[0].endswith("%") and cells[1:] == ["—", "—"]  # was "nan%" and "0.00%"

@@ -90,9 +90,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{run.checkpoint_path} (epoch {result['epoch']}, {b.cfg.dataset} test set)")
+    # a run without a Γ (SGD, Adam, ...) has no Sparse model: "—", as train's table says
     _print_table([["Full acc", "Sparse acc", "density"],
-                  [f"{full:.2f}%", f"{result.get('sparse_acc', float('nan')):.2f}%",
-                   f"{100 * result.get('density', 0.0):.2f}%"]])
+                  [f"{full:.2f}%",
+                   f"{result['sparse_acc']:.2f}%" if "sparse_acc" in result else "—",
+                   f"{100 * result['density']:.2f}%" if "density" in result else "—"]])
     if result.get("layers"):
         print()
         _print_table(_density_rows(result))
