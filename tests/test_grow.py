@@ -60,7 +60,8 @@ def test_resnet_grows_block_inner_convs_only():
 
 
 def test_grow_command(tmp_path, capsys):
-    assert main(["grow", "--dataset", "synthetic", "--synthetic-size", "128", "1", "28", "10",
+    assert main(["grow", "--epochs", "3", "--dataset", "synthetic", "--synthetic-size", "128",
+                 "1", "28", "10",
                  "--batch-size", "32", "--nu", "0.5", "--lambda-conv", "0.05", "--model",
                  "resnet20", "--grow-every", "1", "--max-stages", "2", "--finetune-epochs", "1",
                  "--runs-dir", str(tmp_path), "--no-progress", "--name", "g"]) == 0
@@ -99,8 +100,9 @@ def test_growing_follows_the_schedule(tmp_path):
     cfg = TrainConfig(model="conv2", dataset="synthetic", synthetic_size=[64, 1, 28, 10],
                       batch_size=32, nu=0.5, lambda_conv=0.01, lr=0.05, schedule="multistep",
                       milestones=[1, 2], runs_dir=str(tmp_path), progress=False,
-                      tensorboard=False)
+                      tensorboard=False, epochs=4)
     out = grow(cfg, GrowConfig(tau=1e-6, grow_every=1, max_stages=3, finetune_epochs=1))
     lrs = [s["lr"] for s in out["stages"] if s["stage"] != "final"]
     assert lrs == pytest.approx([0.005, 0.0005, 0.0005][: len(lrs)])
     assert len(lrs) >= 2 and out["stages"][-1]["epoch"] == len(lrs) + 1
+    assert out["stages"][-1]["epoch"] == cfg.epochs  # --epochs is the whole budget (was ignored)

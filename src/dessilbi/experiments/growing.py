@@ -104,10 +104,14 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
     example = torch.stack([b.test_set[0][0]]).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     loop = Loop(cfg, b, model, grad_scaler(cfg, b), amp_dtype(cfg, b), Dist(), run_dir)
-    callbacks = [NonFiniteGuard(cfg.log_every, log_path), _Report(progress)]
+    # no checkpoint.pt in a growing run: the NaN message says none was written
+    callbacks = [NonFiniteGuard(cfg.log_every, run_dir / "checkpoint.pt"), _Report(progress)]
     stages = []
 
     for stage in range(gcfg.max_stages):
+        # --epochs is the whole budget: a stage starts only if its fine-tuning still fits
+        if loop.epoch + gcfg.grow_every + gcfg.finetune_epochs > cfg.epochs:
+            break
         fit(loop, callbacks, until=loop.epoch + gcfg.grow_every)
         opt = loop.built.optimizer
         growables = find_growable(model, example)
@@ -130,7 +134,7 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
         if not to_grow:
             break
         loop.built = _grown(cfg, loop.built, to_grow, gen)
-    fit(loop, callbacks, until=loop.epoch + gcfg.finetune_epochs)
+    fit(loop, callbacks, until=max(cfg.epochs, loop.epoch + gcfg.finetune_epochs))
     final = {"stage": "final", "epoch": loop.epoch,
              "architecture": _architecture(find_growable(model, example)),
              "full_acc": evaluate(model, b.test_set, device),
