@@ -41,6 +41,7 @@ from .build import Built, Dist, build, fixed_mask
 from .callbacks import CHECKPOINT, NonFiniteLossError
 from .config import TrainConfig
 from .loop import Loop, fit
+from .runs import read_metrics
 
 log = logging.getLogger("dessilbi.training")
 
@@ -117,7 +118,10 @@ def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
     if d.world > 1:
         loop.model = cb.wrap_distributed(loop.model, b.device)
     fit(loop, callbacks)
-    summary = {**_summary(cfg, b, loop.metrics, run_dir), "nu": nu}
+    # nothing left to train (a crash after the last checkpoint, before summary.json): the
+    # final record is the run's last line of metrics
+    last = loop.metrics or next(iter(read_metrics(run_dir)[-1:]), {})
+    summary = {**_summary(cfg, b, last, run_dir), "nu": nu}
     if d.main:
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -6,13 +6,14 @@ Everything here only reads; nothing retrains.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import CheckpointError, load_checkpoint
+from ..files import CheckpointError, load_checkpoint, load_with_fallback
 from ..sparsity.masks import Mask, mask_at
 from .config import TrainConfig
 
@@ -26,7 +27,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    # undecodable bytes (a damaged file) make their line unparseable: it is skipped like a torn one
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -34,6 +36,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Run", "open_run", "pareto_front", "choose_epoch"]
 
@@ -92,9 +96,17 @@ def open_run(path: str | Path) -> Run:
     path = Path(path)
     ck_path = path / "checkpoint.pt" if path.is_dir() else path
     run_dir = ck_path.parent
-    if not ck_path.is_file():
+    prev = ck_path.with_name(ck_path.name + ".prev")
+    if not ck_path.is_file() and not (path.is_dir() and prev.is_file()):
         raise CheckpointError(f"{ck_path} not found: expected a run folder or a checkpoint.pt")
-    ck = load_checkpoint(ck_path)
+    if path.is_dir():  # a run folder: its previous checkpoint stands in for a damaged one
+        ck, used = load_with_fallback(ck_path)
+        if used != ck_path:
+            log.warning("%s is missing or unreadable; using %s (epoch %s)", ck_path, used,
+                        ck.get("epoch"))
+            ck_path = used
+    else:
+        ck = load_checkpoint(ck_path)
     if "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{ck_path} is not a dessilbi training checkpoint")
     cfg = TrainConfig.from_dict(ck["config"], source=str(ck_path))
