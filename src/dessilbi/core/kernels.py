@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .prox import prox
+from .prox import group_scale, prox
 
 
 def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
@@ -20,6 +20,15 @@ def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
     for i, p in enumerate(params):
         groups[(p.device, p.dtype)].append(i)
     return list(groups.values())
+
+
+def _gap(w: Tensor, v: Tensor, penalty: str, kappa: float, lambda_: float,
+         group_norm: str) -> Tensor:
+    """W − Γ = W − κ prox_λ(V) in one kernel after the prox's own (Γ is never materialised)."""
+    if penalty == "group" and v.ndim >= 2:
+        scale = group_scale(v, lambda_, 0, group_norm)  # type: ignore[arg-type]
+        return torch.addcmul(w, v, scale.reshape((-1,) + (1,) * (v.ndim - 1)), value=-kappa)
+    return torch.add(w, prox(v, penalty, lambda_, group_norm), alpha=-kappa)
 
 
 def single_tensor(
@@ -46,7 +55,7 @@ def single_tensor(
             v = vs[i]
             assert v is not None
             # diff = W − Γ with the values before this step; it drives both V and W.
-            diff = prox(v, penalty, lambda_, group_norm).mul_(-kappa).add_(w)
+            diff = _gap(w, v, penalty, kappa, lambda_, group_norm)
             if torch.compiler.is_compiling():
                 # Inductor (torch 2.14, CPU) generates broken code for several in-place updates
                 # that read a reduction over one of them (group norms of V); one foreach node
