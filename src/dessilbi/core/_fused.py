@@ -122,8 +122,9 @@ def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
     out = []
     for same in group_by_device_dtype(params):
         device, dtype = params[same[0]].device, params[same[0]].dtype
-        new = [i for i in same if use_momentum and bufs[i] is None]
-        old = [i for i in same if i not in new]
+        starting = [use_momentum and bufs[i] is None for i in same]
+        new = [i for i, s in zip(same, starting) if s]
+        old = [i for i, s in zip(same, starting) if not s]
         for idx, first in ((new, True), (old, False)):
             if not idx:
                 continue

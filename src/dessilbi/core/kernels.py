@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .prox import group_scale, prox
+from .prox import broadcast_to_groups, group_scale, prox
 
 
 def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
@@ -25,9 +25,9 @@ def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
 def _gap(w: Tensor, v: Tensor, penalty: str, kappa: float, lambda_: float,
          group_norm: str) -> Tensor:
     """W − Γ = W − κ prox_λ(V) in one kernel after the prox's own (Γ is never materialised)."""
-    if penalty == "group" and v.ndim >= 2:
+    if penalty == "group":
         scale = group_scale(v, lambda_, 0, group_norm)  # type: ignore[arg-type]
-        return torch.addcmul(w, v, scale.reshape((-1,) + (1,) * (v.ndim - 1)), value=-kappa)
+        return torch.addcmul(w, v, broadcast_to_groups(scale, v, 0), value=-kappa)
     return torch.add(w, prox(v, penalty, lambda_, group_norm), alpha=-kappa)
 
 

@@ -82,7 +82,7 @@ def group_scale(
     return (norms - lambda_).clamp_min_(0.0).div_(norms.clamp_min(tiny))
 
 
-def _broadcast_to_groups(scale: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+def broadcast_to_groups(scale: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
     if v.ndim == 0:
         return scale.reshape(())
     shape = [1] * v.ndim
@@ -107,7 +107,7 @@ def group_soft_threshold(
         ``max(0, 1 − λ / norm_g)``; a group with norm ≤ λ is exactly zero.
     """
     scale = group_scale(v, lambda_, dim, group_norm)
-    return v * _broadcast_to_groups(scale, v, dim)
+    return v * broadcast_to_groups(scale, v, dim)
 
 
 def prox(

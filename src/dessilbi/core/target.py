@@ -201,11 +201,10 @@ class SparsityTarget:
         sizes = [n.numel() for n in norms]
         if self.allocation == "layer":
             return [round(fraction * s) for s in sizes]
-        scales = self.scales
-        scores = torch.cat([n / s for n, s in zip(norms, scales)])
+        scores = torch.cat([n / s for n, s in zip(norms, self.scales)])
         k = round(fraction * scores.numel())
         cut = _threshold_keeping(scores, k)
-        keep = [int((n / s > cut).sum()) for n, s in zip(norms, scales)]
+        keep = [int((n / s > cut).sum()) for n, s in zip(norms, self.scales)]
         if k == 0:
             return keep
         return [max(kp, min(self.min_units, s)) for kp, s in zip(keep, sizes)]
