@@ -104,7 +104,7 @@ def lbi_param_groups(
 
 def _bucket_of(module: nn.Module, p: nn.Parameter, excluded: set[int],
                no_decay: set[int]) -> str:
-    if isinstance(module, NORM_TYPES) or _is_scale_shift(module):
+    if isinstance(module, NORM_TYPES):  # torch's norms (a LayerNorm's weight may be 2-D)
         return "no_decay"
     is_weight = p is getattr(module, "weight", None)
     if isinstance(module, CONV_TYPES + LINEAR_TYPES) and not is_weight:
@@ -115,19 +115,11 @@ def _bucket_of(module: nn.Module, p: nn.Parameter, excluded: set[int],
         return "other" if isinstance(module, TRANSPOSED_CONV_TYPES) else "conv"
     if id(module) not in excluded and is_weight and isinstance(module, LINEAR_TYPES):
         return "linear"
-    # vectors (layer scales, per-channel gains) and what the model declares
-    # (timm's no_weight_decay(): tokens, position embeddings) take no weight decay
+    # Per-channel vectors applied as a scale or shift take no weight decay, whatever module
+    # holds them: the norms of other libraries (timm's RmsNorm, RmsNorm2d, SimpleNorm), layer
+    # scales (LayerScale), affine-only layers; so does what the model declares (timm's
+    # no_weight_decay(): tokens, position embeddings).
     return "no_decay" if p.ndim <= 1 or id(p) in no_decay else "other"
-
-
-def _is_scale_shift(module: nn.Module) -> bool:
-    """A normalisation-like layer of any library: not a conv / linear layer, and its own
-    parameters are all per-channel vectors applied as a scale or shift (timm's ``RmsNorm``,
-    ``RmsNorm2d``, ``SimpleNorm``, ``LayerScale``; affine-only layers)."""
-    if isinstance(module, CONV_TYPES + LINEAR_TYPES):
-        return False
-    own = list(module.parameters(recurse=False))
-    return bool(own) and all(q.ndim == 1 for q in own)
 
 
 def _declared_no_decay(model: nn.Module) -> set[int]:
