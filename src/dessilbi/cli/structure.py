@@ -84,6 +84,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..structure.prune import cpu_latency, export_onnx, prune_model
     from ..training.batches import evaluate
+    from ..training.build import model_spec
     from ..training.pruned import save_pruned
 
     run = open_run(args.run)
@@ -108,10 +109,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = b.info
-    save_pruned(out, {"name": run.cfg.model, "num_classes": info.num_classes,
-                      "in_channels": info.in_channels, "image_size": info.image_size,
-                      "width": run.cfg.width}, mask, pruned, tuple(x1.shape))
+    save_pruned(out, model_spec(run.cfg, b.info), mask, pruned, tuple(x1.shape))
     if args.onnx:
         report["onnx"] = args.onnx
         report["onnx_max_abs_diff"] = export_onnx(pruned, x1, args.onnx)

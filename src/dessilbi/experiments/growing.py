@@ -86,7 +86,7 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
     from ..files import save_checkpoint
     from ..sparsity.masks import Mask
     from ..training.batches import evaluate
-    from ..training.build import Dist, build
+    from ..training.build import Dist, build, model_spec
     from ..training.callbacks import NonFiniteGuard
     from ..training.engine import amp_dtype, grad_scaler
     from ..training.loop import Loop, fit
@@ -142,10 +142,7 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None) -> dict[str, 
     stages.append(final)
     with open(log_path, "a") as f:
         f.write(json.dumps(final) + "\n")
-    spec = {"name": cfg.model, "num_classes": b.info.num_classes,
-            "in_channels": b.info.in_channels, "image_size": b.info.image_size,
-            "width": cfg.width}
-    save_checkpoint({"format": GROWN_FORMAT, "model_spec": spec, "architecture":
+    save_checkpoint({"format": GROWN_FORMAT, "model_spec": model_spec(cfg, b.info), "architecture":
                      final["architecture"], "example_shape": list(example.shape),
                      "model": model.state_dict(), "optimizer": loop.built.optimizer.state_dict()},
                     run_dir / GROWN_FILE)

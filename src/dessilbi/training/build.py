@@ -21,7 +21,15 @@ from ..zoo.data import DataInfo, load_dataset
 from ..zoo.models import create_model
 from .config import ConfigError, TrainConfig
 
-__all__ = ["Built", "Dist", "batches_per_epoch", "build", "fixed_mask", "make_scheduler"]
+__all__ = ["Built", "Dist", "batches_per_epoch", "build", "fixed_mask", "make_scheduler",
+           "model_spec"]
+
+
+def model_spec(cfg: TrainConfig, info: DataInfo) -> dict[str, Any]:
+    """The keyword arguments of :func:`dessilbi.zoo.models.create_model` for a run's network
+    (what a saved pruned or grown model records to rebuild it)."""
+    return {"name": cfg.model, "num_classes": info.num_classes,
+            "in_channels": info.in_channels, "image_size": info.image_size, "width": cfg.width}
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,7 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         seed=cfg.seed,
     )
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, info.num_classes, info.in_channels, info.image_size,
-                         width=cfg.width)
+    model = create_model(**model_spec(cfg, info))
     if cfg.init_from:
         state = load_checkpoint(cfg.init_from)
         model.load_state_dict(state.get("model", state))
