@@ -158,18 +158,20 @@ def _figure(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], keys: l
             spec.rows, [(float(getattr(c, spec.rows)), m) for c, m in runs], path)
     if spec.kind == "layer_density":
         pub = _published_layers(spec, runs[-1][1])
-        return figures.layer_path_figure(runs[-1][1], {k: v for k, (_, v) in pub.items()}, path)
+        return figures.layer_path_figure(
+            runs[-1][1], {k: float(r["sparsity"]) for k, (_, r) in pub.items()}, path)
     return None
 
 
-def _published_layers(spec: TableSpec, m: list[dict[str, Any]]) -> dict[str, tuple[str, float]]:
-    """{our layer name: (the paper's layer name, published density)}, matched in order when
+def _published_layers(spec: TableSpec, m: list[dict[str, Any]]
+                      ) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{our layer name: (the paper's layer name, its published record)}, matched in order when
     the paper lists as many layers as the run has."""
     pub = list((spec.published.get("layers") or {}).items())
     ours = list(m[-1]["layers"]) if m else []
     if not pub or len(pub) != len(ours):
         return {}
-    return {name: (pname, float(r["sparsity"])) for name, (pname, r) in zip(ours, pub)}
+    return dict(zip(ours, pub))
 
 
 def _layer_path_lines(spec: TableSpec, m: list[dict[str, Any]]) -> list[str]:
@@ -179,7 +181,8 @@ def _layer_path_lines(spec: TableSpec, m: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "Along the solution path (density of each layer per epoch, `metrics.jsonl`):", ""]
     close = []
-    for name, (pname, value) in pub.items():
+    for name, (pname, record) in pub.items():
+        value = float(record["sparsity"])
         path = [(x["epoch"], x["layers"][name]["density"]) for x in m]
         final = path[-1][1]
         close.append(abs(final - value) <= 0.1 * value)
@@ -190,7 +193,7 @@ def _layer_path_lines(spec: TableSpec, m: list[dict[str, Any]]) -> list[str]:
         lines.append(f"- {pname} ({name}): published {value:.3f}; ours {final:.3f} at the end; "
                      f"the path {where}.")
     finals = [m[-1]["layers"][n]["density"] for n in pub]
-    order = [v for _, v in pub.values()]
+    order = [float(r["sparsity"]) for _, r in pub.values()]
     same_order = sorted(range(len(finals)), key=finals.__getitem__) == sorted(
         range(len(order)), key=order.__getitem__)
     verdict = ("every layer within 10 % of the published density" if all(close) else
@@ -239,15 +242,15 @@ _PER_RUN: dict[str, tuple[list[str], Callable[[list[dict[str, Any]]], list[list[
 
 
 def _add_published_layers(spec: TableSpec, header: list[str], rows: list[list[str]],
-                          n_layers: int) -> None:
-    """Put the paper's per-layer numbers beside ours, layer by layer in order."""
-    pub = list((spec.published.get("layers") or {}).items())
-    if not pub or len(pub) != n_layers:
+                          m: list[dict[str, Any]]) -> None:
+    """Put the paper's per-layer numbers beside ours (the run's last rows), layer by layer."""
+    pub = _published_layers(spec, m)
+    if not pub:
         return
     if "published" not in header[-1]:
         header += ["paper layer", "paper weights", "published sparsity"]
-    for row, (name, r) in zip(rows[-n_layers:], pub):
-        row += [name, f"{r['weights']:,}", f"{r['sparsity']:.3f}"]
+    for row, (pname, r) in zip(rows[-len(pub):], pub.values()):
+        row += [pname, f"{r['weights']:,}", f"{r['sparsity']:.3f}"]
 
 
 def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], keys: list[str],
@@ -267,7 +270,7 @@ def _build_rows(spec: TableSpec, b: dict[str, Any], cfgs: list[TrainConfig], key
                 continue
             rows += [lab + r for r in make(m)]
             if spec.kind == "layer_density":
-                _add_published_layers(spec, header, rows, len(m[-1]["layers"]))
+                _add_published_layers(spec, header, rows, m)
                 extra.append(f"Final: Full {m[-1]['full_acc']:.2f}%, Sparse "
                              f"{m[-1]['sparse_acc']:.2f}%, overall density "
                              f"{100 * m[-1]['density']:.2f}% ({c.model}, {c.epochs} epochs).")
