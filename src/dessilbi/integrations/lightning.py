@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from torch import Tensor
 
 from ..sparsity.masks import Mask
 from .common import find_dessilbi, sparse_accuracy, structure_metrics
@@ -59,14 +58,10 @@ class DessiLBICallback(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         opt = find_dessilbi(trainer.optimizers)
-        if opt is not None:
-            masks = Mask.from_optimizer(pl_module, opt)
-            checkpoint[CHECKPOINT_KEY] = {"masks": {k: v.cpu() for k, v in masks.masks.items()},
-                                          "penalties": dict(masks.penalties)}
+        if opt is not None:  # the format of a mask file (Mask.save)
+            checkpoint[CHECKPOINT_KEY] = Mask.from_optimizer(pl_module, opt).state_dict()
 
 
 def masks_from_checkpoint(checkpoint: dict[str, Any]) -> Mask:
     """The masks a :class:`DessiLBICallback` saved into a Lightning checkpoint (a loaded dict)."""
-    saved: dict[str, Any] = checkpoint[CHECKPOINT_KEY]
-    masks: dict[str, Tensor] = saved["masks"]
-    return Mask(masks, saved["penalties"])
+    return Mask.from_state_dict(checkpoint[CHECKPOINT_KEY])
