@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from dessilbi.cli.main import main
+from dessilbi.cli.main import build_parser, main
 
 TINY = ["--model", "lenet3", "--dataset", "synthetic", "--synthetic-size", "128", "1", "28", "10",
         "--epochs", "2", "--batch-size", "32", "--nu", "2", "--lambda", "0.3", "--no-progress",
@@ -189,3 +189,33 @@ def test_eval_of_a_run_without_gamma_says_so(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "sgd")]) == 0
     cells = capsys.readouterr().out.splitlines()[-1].split()  # Full, Sparse, density
     assert cells[0].endswith("%") and cells[1:] == ["—", "—"]  # was "nan%" and "0.00%"
+
+
+def _subcommand_options() -> list[tuple[str, str]]:
+    import argparse
+
+    root = build_parser()
+    (sub,) = [a for a in root._actions if isinstance(a, argparse._SubParsersAction)]
+    return [(name, opt) for name, p in sub.choices.items() for a in p._actions
+            for opt in a.option_strings if opt.startswith("--")]
+
+
+def test_every_option_reaches_the_script_through_torchrun() -> None:
+    """torchrun parses its script's arguments too: an option that is a prefix of one of its own
+    is swallowed or refused. Only ``--nu`` is (``--numa-binding``); its alias gets through."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    torchrun.exit = lambda *a, **k: (_ for _ in ()).throw(ValueError(a))  # type: ignore[method-assign]
+    refused = set()
+    for name, opt in _subcommand_options():
+        argv = [name, opt, "1"]
+        try:
+            ns = torchrun.parse_args(["--nproc-per-node", "2", "-m", "dessilbi.cli.main", *argv])
+        except ValueError:
+            refused.add(opt)
+            continue
+        assert ns.training_script_args == argv, opt
+    assert refused == {"--nu"}
+    args = build_parser().parse_args(["train", "--coupling-nu", "7"])
+    assert args.nu == 7.0

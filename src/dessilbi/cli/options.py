@@ -51,7 +51,8 @@ _HELP = {
                  "adamw, adagrad, amsgrad, radam, adabound",
     "kappa": "κ: damping; every step is scaled by κ",
     "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster); "
-          "default: lr·κ·steps/20, from the number of steps of the run",
+          "default: lr·κ·steps/20, from the number of steps of the run; under torchrun "
+          "write --coupling-nu",
     "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
                       "and the number of steps)",
     "select_at": "with --target-density: when the support reaches the target, as a fraction "
@@ -126,18 +127,23 @@ def arg_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
+# torchrun's own parser reads every option of the command line, its script's included, and
+# rejects ``--nu`` as an ambiguous prefix of its ``--numa-binding``: the alias gets through.
+_ALIASES = {"nu": ["--coupling-nu"]}
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`TrainConfig` field (default None = not given)."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.rstrip("_").replace("_", "-")
+        flags = ["--" + f.name.rstrip("_").replace("_", "-"), *_ALIASES.get(f.name, [])]
         tp, extra = arg_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": None,
                                   "help": _help_of(f), **extra}
         if tp is not None:
             kwargs["type"] = tp
             kwargs["metavar"] = f.name.rstrip("_").upper()
-        p.add_argument(flag, **kwargs)
+        p.add_argument(*flags, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
