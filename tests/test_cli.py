@@ -219,3 +219,23 @@ def test_every_option_reaches_the_script_through_torchrun() -> None:
     assert refused == {"--nu"}
     args = build_parser().parse_args(["train", "--coupling-nu", "7"])
     assert args.nu == 7.0
+
+
+def test_commands_on_a_run_read_the_data_folder_the_user_names(tmp_path, capsys, caplog):
+    """A run folder stores its data folder; eval / mask / prune say when they use it, and
+    ``--data-dir`` replaces it."""
+    from test_data import make_mnist
+
+    make_mnist(tmp_path / "data", "MNIST", n_train=64, n_test=16)
+    assert main(["train", *TINY[:2], "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                 *TINY[9:], "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    run = str(tmp_path / "r")
+    caplog.set_level("INFO")
+    assert main(["eval", run]) == 0
+    assert f"from {tmp_path / 'data'}, the run's stored data folder" in caplog.text
+    (tmp_path / "empty").mkdir()
+    for argv in (["eval", run], ["mask", run, "--density", "0.5"],
+                 ["prune", run, "--out", str(tmp_path / "p.pt")]):
+        capsys.readouterr()
+        assert main([*argv, "--data-dir", str(tmp_path / "empty")]) == 2, argv
+        assert str(tmp_path / "empty") in capsys.readouterr().err

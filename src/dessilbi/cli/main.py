@@ -25,6 +25,7 @@ from typing import Any
 from ..tables import format_table
 from ..training.config import ConfigError, TrainConfig
 from .options import Parser, add_config_arguments, arg_type, config_from_args
+from .structure_args import data_dir_option
 
 __all__ = ["main"]
 
@@ -75,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.runs import open_run
 
     run = open_run(args.checkpoint)
-    b = run.build(device=args.device)
+    b = run.build(device=args.device, data_dir=args.data_dir)
     full = evaluate(b.model, b.test_set, b.device)
     result: dict[str, Any] = {"checkpoint": str(run.checkpoint_path),
                               "epoch": run.checkpoint().get("epoch"), "full_acc": full}
@@ -171,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="Full / Sparse accuracy and per-layer density of a checkpoint")
     e.add_argument("checkpoint", help="a run folder or a checkpoint.pt")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", default=None, help="auto (CUDA when available), cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print JSON")
+    data_dir_option(e)
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sweep", help="grid over options; runs what is missing; one table")

@@ -33,7 +33,7 @@ def _select_mask(run: Any, model: torch.nn.Module, epoch: int | None,
 def cmd_mask(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     if args.density is not None:
-        b = run.build(device="cpu")
+        b = run.build(device="cpu", data_dir=args.data_dir)
         mask = _select_mask(run, b.model, None, args.density)
     else:
         mask = run.mask(args.epoch)
@@ -88,7 +88,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..training.pruned import save_pruned
 
     run = open_run(args.run)
-    b = run.build(device="cpu")
+    b = run.build(device="cpu", data_dir=args.data_dir)
     model = b.model.eval()
     mask = _select_mask(run, model, args.epoch, args.density)
     x1 = torch.stack([b.test_set[0][0]])
@@ -137,8 +137,8 @@ def _ticket_config(run: Any, args: argparse.Namespace) -> TrainConfig:
 
     return ticket_config(run.cfg, run.dir, optimizer=args.optimizer,
                          epochs=args.epochs or run.cfg.epochs,
-                         **{k: getattr(args, k, None)
-                            for k in ("lr", "weight_decay", "schedule", "milestones", "seed")})
+                         **{k: getattr(args, k, None) for k in
+                            ("lr", "weight_decay", "schedule", "milestones", "seed", "data_dir")})
 
 
 def cmd_lottery(args: argparse.Namespace) -> int:

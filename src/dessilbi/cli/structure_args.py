@@ -13,7 +13,7 @@ from typing import Any
 
 from .options import add_config_arguments, count, fraction, nonnegative, positive, positive_int
 
-__all__ = ["register", "command"]
+__all__ = ["register", "command", "data_dir_option"]
 
 
 def command(name: str, module: str = ".structure") -> Callable[[argparse.Namespace], int]:
@@ -26,8 +26,14 @@ def command(name: str, module: str = ".structure") -> Callable[[argparse.Namespa
     return run
 
 
+def data_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the datasets (default: the one stored in the run)")
+
+
 def _retrain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", required=True, help="the DessiLBI run folder")
+    data_dir_option(p)
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="retraining epochs (default: the run's)")
     p.add_argument("--optimizer", default="sgd-momentum")
@@ -47,6 +53,7 @@ def register(sub: Any) -> None:
                    help="keep this fraction of weights, earliest entries first (ties: ‖W_g‖)")
     m.add_argument("--format", choices=("table", "json", "csv"), default="table")
     m.add_argument("--out", help="save the mask here (.pt)")
+    data_dir_option(m)
     m.set_defaults(func=command("cmd_mask"))
 
     p = sub.add_parser("path", help="(epoch, density, Sparse acc) along the run; Pareto front; "
@@ -73,6 +80,7 @@ def register(sub: Any) -> None:
     g.add_argument("--density", type=float, default=None, help="order-based mask at a density")
     pr.add_argument("--out", required=True, help="the pruned model (.pt)")
     pr.add_argument("--onnx", default=None, help="also export ONNX here and check it")
+    data_dir_option(pr)
     pr.set_defaults(func=command("cmd_prune"))
 
     lt = sub.add_parser("lottery", help="retrain the Γ-support ticket of an epoch from the "

@@ -54,13 +54,22 @@ class Run:
     def checkpoint(self) -> dict[str, Any]:
         return load_checkpoint(self.checkpoint_path)
 
-    def build(self, device: str | None = None) -> Any:
-        """Data, model and optimizer of the run with the checkpoint's state loaded."""
+    def build(self, device: str | None = None, data_dir: str | None = None) -> Any:
+        """Data, model and optimizer of the run with the checkpoint's state loaded.
+
+        The data is read from ``data_dir`` when given, else from the folder stored in the run's
+        configuration, which is logged: a run folder from elsewhere names a folder of its own.
+        """
         from .build import build
 
         cfg = TrainConfig.from_dict(self.cfg.to_dict())
         if device:
             cfg.device = device
+        if data_dir:
+            cfg.data_dir = data_dir
+        else:
+            log.info("reading %s from %s, the run's stored data folder (--data-dir to change)",
+                     cfg.dataset, cfg.data_dir)
         b = build(cfg)
         ck = self.checkpoint()
         b.model.load_state_dict(ck["model"])
