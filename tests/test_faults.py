@@ -147,3 +147,50 @@ def test_a_crash_at_every_write_boundary_resumes_to_the_same_run(tmp_path, monke
             assert summary["final"]["epoch"] == 3
             held += 1
     assert held == 2 * len(events)
+
+
+def test_ctrl_c_at_random_moments_then_resume_is_the_uninterrupted_run(tmp_path):
+    """SIGINT from another thread at random times (inside data loading, forward, backward, the
+    optimizer step, evaluation, checkpoint writing...), then ``--resume``: the same weights,
+    optimizer state and metrics as a run never interrupted."""
+    import json
+    import random
+    import signal
+    import threading
+    import time
+
+    import torch
+
+    from dessilbi.files import load_checkpoint
+    from dessilbi.training.engine import train
+
+    def run_files(run):
+        ck = load_checkpoint(run / "checkpoint.pt")
+        epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return ck["model"], ck["optimizer"]["state"], epochs
+
+    train(tiny_config(tmp_path, "reference"))
+    t0 = time.perf_counter()  # a second run, warm, times what the trials take
+    train(tiny_config(tmp_path, "timed"))
+    duration = time.perf_counter() - t0
+    ref_model, ref_state, ref_epochs = run_files(tmp_path / "reference")
+    rng, interrupted = random.Random(0), 0
+    for trial in range(8):
+        name = f"sigint{trial}"
+        timer = threading.Timer(rng.uniform(0.05, 0.95) * duration, signal.pthread_kill,
+                                (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        try:
+            train(tiny_config(tmp_path, name))
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            timer.cancel()
+            timer.join()
+        summary = train(tiny_config(tmp_path, name), resume=True)
+        model, state, epochs = run_files(tmp_path / name)
+        assert epochs == ref_epochs and summary["final"]["epoch"] == ref_epochs[-1], trial
+        assert all(torch.equal(model[k], ref_model[k]) for k in ref_model), trial
+        for i, s in ref_state.items():
+            assert all(torch.equal(s[k], state[i][k]) for k in s if torch.is_tensor(s[k])), trial
+    assert interrupted >= 4  # most timers land inside the run, not after it
