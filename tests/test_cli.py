@@ -239,3 +239,19 @@ def test_commands_on_a_run_read_the_data_folder_the_user_names(tmp_path, capsys,
         capsys.readouterr()
         assert main([*argv, "--data-dir", str(tmp_path / "empty")]) == 2, argv
         assert str(tmp_path / "empty") in capsys.readouterr().err
+
+
+def test_train_eval_and_mask_print_the_same_layer_table(tmp_path, capsys):
+    assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    trained = capsys.readouterr().out.splitlines()
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    evaluated = capsys.readouterr().out.splitlines()
+    assert main(["mask", str(tmp_path / "r")]) == 0
+    masked = capsys.readouterr().out.splitlines()
+    def rows(lines):  # cells of the per-layer table (widths may differ with its rows)
+        return {line.split()[0]: line.split() for line in lines
+                if line.startswith(("layer ", "head."))}
+
+    assert rows(masked)["layer"] == ["layer", "weights", "non-zero", "density", "filters", "kept"]
+    assert rows(masked)["head.0.weight"][3].endswith("%")
+    assert rows(masked) == rows(trained) == rows(evaluated)

@@ -35,16 +35,8 @@ def _print_table(rows: list[list[str]]) -> None:
     print(format_table(rows))
 
 
-def _density_rows(final: dict[str, Any]) -> list[list[str]]:
-    rows = [["layer", "weights", "non-zero", "density", "filters kept"]]
-    for name, r in final.get("layers", {}).items():
-        kept = f"{r['filters_kept']}/{r['filters']}" if "filters" in r else ""
-        rows.append([name, f"{r['weights']:,}", f"{r['nonzero']:,}", f"{100 * r['density']:.2f}%",
-                     kept])
-    return rows
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..sparsity.masks import format_report
     from ..training.engine import train
 
     cfg = config_from_args(args)
@@ -65,13 +57,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     _print_table(rows)
     if final.get("layers"):
         print()
-        _print_table(_density_rows(final))
+        print(format_report(final["layers"]))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..core.optim import DessiLBI
-    from ..sparsity.masks import applied_masks, layer_report, named_masks, named_penalties
+    from ..sparsity.masks import (
+        applied_masks,
+        format_report,
+        layer_report,
+        named_masks,
+        named_penalties,
+    )
     from ..training.batches import evaluate
     from ..training.runs import open_run
 
@@ -98,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    f"{100 * result['density']:.2f}%" if "density" in result else "—"]])
     if result.get("layers"):
         print()
-        _print_table(_density_rows(result))
+        print(format_report(result["layers"]))
     return 0
 
 

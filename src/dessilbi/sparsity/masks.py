@@ -379,25 +379,36 @@ def _expand(units: Tensor, like: Tensor, pen: str) -> Tensor:
     return units.reshape(like.shape).clone()
 
 
+LAYER_COLUMNS = ["layer", "weights", "non-zero", "density", "filters kept"]
+
+
+def layer_rows(report: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """The rows of a per-layer report as every command and report prints them: counts with
+    thousands separators, density in percent, units kept as ``kept/total``."""
+    return [[name, f"{r['weights']:,}", f"{r['nonzero']:,}", f"{100 * r['density']:.2f}%",
+             f"{r['filters_kept']}/{r['filters']}" if "filters" in r else ""]
+            for name, r in report.items()]
+
+
 def format_report(report: Mapping[str, Mapping[str, Any]], fmt: str = "table") -> str:
-    """A per-layer report as an aligned text table, JSON or CSV."""
+    """A per-layer report as an aligned text table (:func:`layer_rows`), JSON or CSV."""
     import csv
     import io
     import json
 
     if fmt == "json":
         return json.dumps(report, indent=2)
-    cols = ["layer", "weights", "nonzero", "density", "filters", "filters_kept"]
-    rows = [[name, r["weights"], r["nonzero"], f"{r['density']:.4f}", r.get("filters", ""),
-             r.get("filters_kept", "")] for name, r in report.items()]
-    if fmt == "csv":
+    if fmt == "csv":  # raw numbers, for spreadsheets
+        cols = ["layer", "weights", "nonzero", "density", "filters", "filters_kept"]
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(cols)
-        w.writerows(rows)
+        w.writerows([[name, r["weights"], r["nonzero"], f"{r['density']:.4f}",
+                      r.get("filters", ""), r.get("filters_kept", "")]
+                     for name, r in report.items()])
         return buf.getvalue()
     if fmt != "table":
         raise ValueError(f"invalid format {fmt!r}: table, json or csv")
     from ..tables import format_table
 
-    return format_table([cols] + rows)
+    return format_table([LAYER_COLUMNS, *layer_rows(report)])
