@@ -106,3 +106,56 @@ def test_growing_follows_the_schedule(tmp_path):
     assert lrs == pytest.approx([0.005, 0.0005, 0.0005][: len(lrs)])
     assert len(lrs) >= 2 and out["stages"][-1]["epoch"] == len(lrs) + 1
     assert out["stages"][-1]["epoch"] == cfg.epochs  # --epochs is the whole budget (was ignored)
+
+
+def test_an_interrupted_growing_run_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C after the first growth, then ``resume``: the same stages, widths and weights;
+    resuming the finished run reads it back; without resume or overwrite it is refused."""
+    from dessilbi.experiments.growing import GrowConfig, grow, load_grown
+    from dessilbi.training import batches as feed
+    from dessilbi.training.config import TrainConfig
+    from dessilbi.training.engine import RunExistsError
+
+    def cfg(name):
+        return TrainConfig(model="conv2", dataset="synthetic", synthetic_size=[64, 1, 28, 10],
+                           batch_size=16, nu=0.5, lambda_conv=0.01, lr=0.05, epochs=4,
+                           runs_dir=str(tmp_path), name=name, progress=False, tensorboard=False)
+
+    gcfg = GrowConfig(tau=1e-6, grow_every=1, max_stages=2, finetune_epochs=1)
+    ref = grow(cfg("ref"), gcfg)
+    assert any(s.get("grown") for s in ref["stages"])
+    import dessilbi.experiments.growing as growing
+
+    real, real_grown, calls = feed.batches, growing._grown, {"grown": 0, "after": 0}
+
+    def grown(*args, **kwargs):
+        calls["grown"] += 1
+        return real_grown(*args, **kwargs)
+
+    def interrupting(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            calls["after"] += calls["grown"] > 0
+            if calls["after"] == 2:  # the second batch after the first growth
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(growing, "_grown", grown)
+    monkeypatch.setattr(feed, "batches", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        grow(cfg("cut"), gcfg)
+    monkeypatch.setattr(feed, "batches", real)
+    from dessilbi.files import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert len(saved["growth"]["stages"]) == 1 and saved["batch"] > 0  # mid-epoch, grown once
+    assert saved["growth"]["architecture"] != ref["stages"][0]["architecture"]
+    with pytest.raises(RunExistsError):
+        grow(cfg("cut"), gcfg)
+    out = grow(cfg("cut"), gcfg, resume=True)
+    assert out["stages"] == ref["stages"]
+    a, b = load_grown(tmp_path / "ref"), load_grown(tmp_path / "cut")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert (tmp_path / "cut" / "grow.jsonl").read_text() == \
+        (tmp_path / "ref" / "grow.jsonl").read_text()
+    assert grow(cfg("cut"), gcfg, resume=True)["stages"] == out["stages"]

@@ -201,7 +201,8 @@ def cmd_grow(args: argparse.Namespace) -> int:
     gcfg = GrowConfig(tau=args.tau, grow_every=args.grow_every, max_stages=args.max_stages,
                       finetune_epochs=args.finetune_epochs)
     bar = tqdm(desc="grow", unit="epoch", disable=not cfg.progress)
-    result = grow(cfg, gcfg, progress=lambda e: bar.update(1))
+    result = grow(cfg, gcfg, progress=lambda e: bar.update(1), resume=args.resume,
+                  overwrite=args.overwrite)
     bar.close()
     rows = [["stage", "epoch", "params", "Full acc", "Sparse acc", "grown layers"]]
     for st in result["stages"]:

@@ -100,6 +100,10 @@ def register(sub: Any) -> None:
     gr = sub.add_parser("grow", help="start a narrow VGG / ResNet and widen the layers whose "
                         "selected fraction exceeds τ (journal version)")
     gr.add_argument("--config", help="YAML or TOML file of training options")
+    gr.add_argument("--resume", action="store_true", help="continue the growing run from its "
+                    "checkpoint (a finished one is read back)")
+    gr.add_argument("--overwrite", action="store_true", help="discard an existing growing run "
+                    "and start again")
     gr.add_argument("--tau", type=fraction, default=0.8, help="grow a layer when more than this "
                     "fraction of its filters is in supp(Γ)")
     gr.add_argument("--grow-every", type=positive_int, default=2,

@@ -26,6 +26,8 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ log = logging.getLogger("dessilbi.training")
 LOCK = ".lock"
 
 __all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "default_callbacks",
-           "finished_summary", "train"]
+           "run_lock", "finished_summary", "train"]
 DDP_TIMEOUT_MINUTES = 10  # a collective waiting longer means a rank has stopped
 
 
@@ -91,12 +93,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     if dataset_note:
         log.info(dataset_note)
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:  # one trainer per folder: a second would interleave metrics and checkpoints
-        with FileLock(run_dir / LOCK, blocking=False):
-            return _train(cfg, d, run_dir, resume, overwrite)
+    with run_lock(run_dir):
+        return _train(cfg, d, run_dir, resume, overwrite)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock: one trainer per folder (a second would interleave metrics
+    and checkpoints); another process holding it is a :class:`RunLockedError`."""
+    lock = FileLock(run_dir / LOCK, blocking=False)
+    try:
+        lock.acquire()
     except Timeout as e:
         raise RunLockedError(f"run {run_dir} is being trained by another process (lock "
                              f"{run_dir / LOCK}); wait for it or choose another --name") from e
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
