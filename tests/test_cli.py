@@ -255,3 +255,17 @@ def test_train_eval_and_mask_print_the_same_layer_table(tmp_path, capsys):
     assert rows(masked)["layer"] == ["layer", "weights", "non-zero", "density", "filters", "kept"]
     assert rows(masked)["head.0.weight"][3].endswith("%")
     assert rows(masked) == rows(trained) == rows(evaluated)
+
+
+def test_train_aimed_at_a_fraction_of_the_macs(tmp_path, capsys):
+    assert main(["train", "--model", "lenet5", "--dataset", "synthetic", "--synthetic-size", "256",
+                 "1", "28", "10", "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
+                 "--target-macs", "0.4", "--no-progress", "--no-tensorboard",
+                 "--runs-dir", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    assert "_macs0.4_" in run.name
+    final = json.loads((run / "summary.json").read_text())["final"]
+    assert final["macs_ratio"] == pytest.approx(0.4, abs=0.03)
+    assert main(["train", "--target-macs", "0.4", "--target-density", "0.5",
+                 "--runs-dir", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err

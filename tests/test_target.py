@@ -166,3 +166,45 @@ def test_unit_norms_match_the_prox_threshold():
     v = torch.randn(5, 3, 2, 2)
     assert torch.allclose(unit_norms(v, "group"), v.flatten(1).norm(dim=1))
     assert torch.equal(unit_norms(v, "lasso"), v.abs().flatten())
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", (1, 28, 28)), ("resnet20", (3, 32, 32))])
+@pytest.mark.parametrize("macs", [0.3, 0.6])
+def test_a_macs_target_is_hit_by_the_pruned_network(name, shape, macs):
+    from dessilbi.core.units import classifier_of
+    from dessilbi.sparsity.masks import Mask
+    from dessilbi.structure.cost import MacsModel
+    from dessilbi.structure.prune import count_cost, prune_model
+
+    torch.manual_seed(0)
+    model = create_model(name, 10, shape[0], shape[1])
+    example = torch.randn(1, *shape)
+    head = classifier_of(model, example)
+    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]), lr=0.05)
+    cost = MacsModel.from_model(model, example, opt.penalised_params())
+    target = SparsityTarget(opt, None, 4, macs=macs, cost=cost,
+                            coupled=coupled_parameters(model, example))
+    g = torch.Generator().manual_seed(0)
+    run(model, opt, target, [(torch.randn(4, *shape, generator=g),
+                              torch.randint(0, 10, (4,), generator=g)) for _ in range(3)])
+    assert target.frozen
+    pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
+    achieved = count_cost(pruned, example)[0] / count_cost(model, example)[0]
+    assert achieved == pytest.approx(macs, abs=0.03)
+
+
+def test_a_macs_target_needs_a_cost_model_and_whole_units():
+    model = conv_net()
+    example = torch.randn(1, 1, 8, 8)
+    grouped = DessiLBI(lbi_param_groups(model, linear_penalty="group"), lr=0.1)
+    for kw, words in ((dict(density=None), "exactly one"), (dict(macs=0.5), "exactly one"),
+                      (dict(density=None, macs=0.5), "cost model"),
+                      (dict(density=None, macs=0.5, cost=lambda f: f.mean(1),
+                            allocation="layer"), "allocation")):
+        args = {"density": 0.5, "total_steps": 10, **kw}
+        with pytest.raises(ValueError, match=words):
+            SparsityTarget(grouped, **args)
+    lasso = DessiLBI(lbi_param_groups(model, linear_penalty="lasso"), lr=0.1)
+    with pytest.raises(ValueError, match="lasso"):
+        SparsityTarget(lasso, None, 10, macs=0.5, cost=lambda f: f.mean(1))
+    del example

@@ -55,9 +55,11 @@ _HELP = {
           "write --coupling-nu",
     "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
                       "and the number of steps)",
-    "select_at": "with --target-density: when the support reaches the target, as a fraction "
-                 "of the run (default 0.5)",
-    "freeze": "with --target-density: fix the mask at selection and train the subnetwork for "
+    "target_macs": "fraction of the dense network's MACs to keep (units taken by the same "
+                   "ranking until the pruned network costs that; whole filters / neurons only)",
+    "select_at": "with --target-density / --target-macs: when the support reaches the "
+                 "target, as a fraction of the run (default 0.5)",
+    "freeze": "with a target: fix the mask at selection and train the subnetwork for "
               "the rest of the run (--no-freeze: the pure path)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "

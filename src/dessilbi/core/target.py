@@ -14,7 +14,9 @@ r"""Aim DessiLBI at a sparsity: one knob, the fraction of filters / neurons kept
    a unit's score is its group norm ‖V_g‖ divided by the mean unit norm of its layer's initial
    weights, so one score means the same for layers of any size and scale. ``allocation="global"``
    ranks the units of all layers together (each layer keeps at least ``min_units``);
-   ``"layer"`` keeps the same fraction in every layer.
+   ``"layer"`` keeps the same fraction in every layer. With a MACs target (``macs``) the
+   support holds, by the same global ranking, the most units whose pruned network costs at most
+   that fraction of the dense network's MACs (``cost``: :class:`dessilbi.structure.cost.MacsModel`).
 3. **Select, then train the subnetwork.** At T_s (``freeze=True``) the support becomes a fixed
    mask: the coupling is released (ν = ∞, so V and Γ stop moving), the weights outside the mask
    (and the biases / norm parameters of dropped units given in ``coupled``) are set to zero and
@@ -29,7 +31,7 @@ them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,14 +81,30 @@ def _threshold_keeping(norms: Tensor, k: int) -> float:
     return float(torch.topk(norms.reshape(-1), k + 1).values[-1])
 
 
+def _units_within_cost(scores: Tensor, sizes: list[int],
+                       cost: Callable[[list[Tensor]], Tensor], budget: float) -> int:
+    """How many units, taken by decreasing score, make the network cost closest to ``budget``
+    (``cost`` gives the cost after every prefix of the order at once). The miss is at most half
+    the cost of one unit (large for a network of a few filters, such as LeNet-5's 6 and 16)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return int((cost(list(rank.split(sizes))) - budget).abs().argmin())
+
+
 class SparsityTarget:
     """Steer a :class:`~dessilbi.DessiLBI` run to a target fraction of units kept.
 
     Args:
         optimizer: the DessiLBI optimizer (its penalised parameters are steered).
         density: fraction of units (filters / neurons for ``group``, weights for ``lasso``) of
-            the penalised layers to keep, in (0, 1].
+            the penalised layers to keep, in (0, 1]; ``None`` with ``macs``.
         total_steps: the optimizer steps of the whole run (epochs × batches per epoch).
+        macs: instead of ``density``, the fraction of the dense network's MACs to keep: the
+            units are taken by the same global ranking until ``cost`` reaches it (``group``
+            penalties only).
+        cost: the MACs fraction after every prefix of a global order of the units, given
+            each penalised tensor's ranks: :class:`dessilbi.structure.cost.MacsModel`.
         select_at: when the support reaches the target and (``freeze=True``) becomes fixed,
             as a fraction of ``total_steps`` (default 0.5).
         freeze: fix the mask at selection and train the subnetwork for the rest of the run;
@@ -107,9 +125,11 @@ class SparsityTarget:
     def __init__(
         self,
         optimizer: DessiLBI,
-        density: float,
+        density: float | None,
         total_steps: int,
         *,
+        macs: float | None = None,
+        cost: Callable[[list[Tensor]], Tensor] | None = None,
         select_at: float = 0.5,
         freeze: bool = True,
         schedule: str = "grow",
@@ -121,8 +141,17 @@ class SparsityTarget:
         coupled: Mapping[Tensor, Sequence[Tensor]] | None = None,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
+        if (density is None) == (macs is None):
+            raise ValueError("invalid target: give exactly one of density and macs")
+        if macs is not None and cost is None:
+            raise ValueError("invalid cost=None: a MACs target needs the network's cost model "
+                             "(dessilbi.structure.cost.MacsModel.from_model)")
+        if macs is not None and allocation != "global":
+            raise ValueError(f"invalid allocation={allocation!r} with a MACs target: use "
+                             "'global'")
+        aim = ("density", density) if density is not None else ("macs", macs)
         checks = [
-            ("density", density, 0.0 < density <= 1.0, "must be in (0, 1]"),
+            (aim[0], aim[1], 0.0 < aim[1] <= 1.0, "must be in (0, 1]"),  # type: ignore[operator]
             ("total_steps", total_steps, isinstance(total_steps, int) and total_steps > 0,
              "must be a positive integer"),
             ("select_at", select_at, 0.0 < select_at <= 1.0, "must be in (0, 1]"),
@@ -141,7 +170,11 @@ class SparsityTarget:
         self.params = opt.penalised_params()
         if not self.params:
             raise ValueError("invalid optimizer: it has no penalised (lasso / group) parameter")
+        if macs is not None and any(opt.penalty_of(p) != "group" for p in self.params):
+            raise ValueError("invalid penalty for a MACs target: only whole filters / neurons "
+                             "(group) change the MACs; lasso layers do not")
         self.density, self.total_steps, self.freeze = density, total_steps, freeze
+        self.macs, self.cost = macs, cost
         self.select_step = max(1, round(select_at * total_steps))
         self.schedule, self.allocation, self.min_units = schedule, allocation, min_units
         self.update_every = update_every or max(1, self.select_step // 200)
@@ -171,7 +204,8 @@ class SparsityTarget:
     # ----------------------------------------------------------------- the controller
     def target_now(self) -> float:
         """The fraction of units the support should hold at the current step."""
-        return support_fraction(self.step_count, self.select_step, self.density, self.schedule)
+        aim = self.density if self.density is not None else self.macs
+        return support_fraction(self.step_count, self.select_step, aim, self.schedule)  # type: ignore[arg-type]
 
     def step(self) -> None:
         """Advance one optimizer step: update λ on schedule, fix the mask at selection."""
@@ -202,7 +236,10 @@ class SparsityTarget:
         if self.allocation == "layer":
             return [round(fraction * s) for s in sizes]
         scores = torch.cat([n / s for n, s in zip(norms, self.scales)])
-        k = round(fraction * scores.numel())
+        if self.cost is None:
+            k = round(fraction * scores.numel())
+        else:
+            k = _units_within_cost(scores, sizes, self.cost, fraction)
         cut = _threshold_keeping(scores, k)
         keep = [int((n / s > cut).sum()) for n, s in zip(norms, self.scales)]
         if k == 0:

@@ -34,7 +34,7 @@ def ticket_config(source: TrainConfig, source_dir: Path, **changes: Any) -> Trai
     ``changes`` (optimizer, lr, epochs, schedule, seed, …; ``None`` values keep the source's)."""
     d = source.to_dict()
     d.update(init_from=str(source_dir / "init.pt"), mask="", name="", fused=False,
-             target_density=None)
+             target_density=None, target_macs=None)
     d.update({k: v for k, v in changes.items() if v is not None})
     return TrainConfig.from_dict(d)
 

@@ -17,6 +17,7 @@ from ..core.target import SparsityTarget
 from ..core.units import coupled_parameters
 from ..files import load_checkpoint
 from ..sparsity.masks import Mask, unwrap
+from ..structure.cost import MacsModel
 from ..zoo.data import DataInfo, load_dataset
 from ..zoo.models import create_model
 from .config import ConfigError, TrainConfig
@@ -115,9 +116,14 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
     steps = cfg.epochs * batches_per_epoch(cfg, len(train_set), d)  # type: ignore[arg-type]
     opt = create_optimizer(cfg.optimizer_config(), model, example, total_steps=steps)
     target = None
-    if cfg.target_density is not None and isinstance(opt, DessiLBI):
-        target = SparsityTarget(opt, cfg.target_density, steps, select_at=cfg.select_at,
-                                freeze=cfg.freeze, coupled=coupled_parameters(model, example))
+    aimed = cfg.target_density is not None or cfg.target_macs is not None
+    if aimed and isinstance(opt, DessiLBI):
+        cost = None
+        if cfg.target_macs is not None:
+            cost = MacsModel.from_model(model, example, opt.penalised_params())
+        target = SparsityTarget(opt, cfg.target_density, steps, macs=cfg.target_macs, cost=cost,
+                                select_at=cfg.select_at, freeze=cfg.freeze,
+                                coupled=coupled_parameters(model, example))
     return Built(cfg, model, opt, make_scheduler(cfg, opt), train_set, test_set, info, device, note,
                  example, target, steps)
 

@@ -65,6 +65,7 @@ class TrainConfig:
     keep_classifier: bool = True  # the layer producing the outputs gets no penalty
     exclude: list[str] = field(default_factory=list)
     target_density: float | None = None  # fraction of filters / neurons kept (SparsityTarget)
+    target_macs: float | None = None  # fraction of the dense network's MACs kept (SparsityTarget)
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     epochs: int = 20
@@ -123,12 +124,16 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
                 raise bad(f, "must be a number >= 0")
-        v = self.target_density
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
-                              or not 0 < v <= 1):
-            raise bad("target_density", "must be a fraction in (0, 1]")
-        if v is not None and self.optimizer != "dessilbi":
-            raise bad("optimizer", "a sparsity target steers DessiLBI; use --optimizer dessilbi")
+        for f in ("target_density", "target_macs"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not 0 < v <= 1):
+                raise bad(f, "must be a fraction in (0, 1]")
+            if v is not None and self.optimizer != "dessilbi":
+                raise bad("optimizer", "a sparsity target steers DessiLBI; use --optimizer "
+                          "dessilbi")
+        if self.target_density is not None and self.target_macs is not None:
+            raise bad("target_macs", "aim at units (target_density) or at MACs, not both")
         if isinstance(self.select_at, bool) or not isinstance(self.select_at, int | float) \
                 or not 0 < self.select_at <= 1:
             raise bad("select_at", "must be a fraction of the run in (0, 1]")
@@ -199,6 +204,8 @@ class TrainConfig:
         opt = self.optimizer
         if opt == "dessilbi" and self.target_density is not None:
             opt += f"_units{self.target_density:g}"
+        elif opt == "dessilbi" and self.target_macs is not None:
+            opt += f"_macs{self.target_macs:g}"
         elif opt == "dessilbi":
             nu = "auto" if self.nu is None else f"{self.nu:g}"
             opt += f"_k{self.kappa:g}_nu{nu}_lam{self.lambda_:g}"
