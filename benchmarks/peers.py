@@ -8,6 +8,7 @@ parameters relative to the dense network and the time per epoch relative to SGD-
 
 Methods: ``dense`` (SGD-momentum), ``dessilbi`` (SparsityTarget, select then train),
 ``dessilbi-path`` (the pure path, no freezing), ``oto`` (HESSO, ``target_group_sparsity``),
+``dessilbi-macs`` (SparsityTarget aimed at the MACs OTO kept at the same target: compute-matched),
 ``tp-reg`` (Torch-Pruning GroupNorm-regularised sparse training, pruned at the end),
 ``tp-mag`` / ``tp-mag-ft`` (magnitude pruning of the dense network, no fine-tune / +2 epochs).
 
@@ -42,13 +43,15 @@ from dessilbi import DessiLBI, lbi_param_groups
 from dessilbi.core.target import ALLOCATIONS, SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters
 from dessilbi.sparsity.masks import Mask
+from dessilbi.structure.cost import MacsModel
 from dessilbi.structure.prune import count_cost, prune_model
 from dessilbi.training.batches import epoch_indices
 from dessilbi.zoo.data import load_dataset
 from dessilbi.zoo.models import create_model
 
 log = logging.getLogger("peers")
-METHODS = ("dense", "dessilbi", "dessilbi-path", "oto", "tp-reg", "tp-mag", "tp-mag-ft")
+METHODS = ("dense", "dessilbi", "dessilbi-path", "oto", "dessilbi-macs", "tp-reg", "tp-mag",
+           "tp-mag-ft")
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,18 @@ def run_dense(setup: Setup, data: Data, init: dict[str, Tensor],
 
 
 def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
-                 freeze: bool = True, **_: Any) -> tuple[nn.Module, float]:
+                 freeze: bool = True, macs: float | None = None,
+                 **_: Any) -> tuple[nn.Module, float]:
+    """Aimed at ``target`` units, or at ``macs`` (a fraction of the dense MACs) when given."""
     model = fresh(setup, init)
     example = data.x_test[:2]
     head = classifier_of(model, example)
     opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]),
                    lr=setup.lr, momentum=0.9)
-    ctl = SparsityTarget(opt, target, setup.epochs * steps_per_epoch(setup, data),
+    cost = None if macs is None else MacsModel.from_model(model, example,
+                                                          opt.penalised_params())
+    ctl = SparsityTarget(opt, None if macs is not None else target,
+                         setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
                          coupled=coupled_parameters(model, example))
     seconds = train(setup, data, model, opt, after_step=ctl.step)
@@ -238,13 +246,17 @@ def oto_shims() -> Any:
 # ----------------------------------------------------------------------------- driver
 def measure(setup: Setup, data: Data, method: str, target: float, init: dict[str, Tensor],
             dense: nn.Module, dense_cost: tuple[int, int], dense_units: int,
-            dense_seconds: float) -> dict[str, Any]:
+            dense_seconds: float, oto_macs: float | None = None) -> dict[str, Any]:
+    base = method.removesuffix("-path").removesuffix("-ft").removesuffix("-macs")
     runner = {"dense": run_dense, "dessilbi": run_dessilbi, "oto": run_oto,
-              "tp-reg": run_tp_reg, "tp-mag": run_tp_mag}[method.removesuffix("-path")
-                                                            .removesuffix("-ft")]
+              "tp-reg": run_tp_reg, "tp-mag": run_tp_mag}[base]
     kwargs: dict[str, Any] = {"target": target, "dense": dense}
     if method == "dessilbi-path":
         kwargs["freeze"] = False
+    if method == "dessilbi-macs":  # compute-matched: the MACs OTO kept at this target
+        if oto_macs is None:
+            raise SystemExit("dessilbi-macs aims at OTO's MACs: run it with --methods oto")
+        kwargs["macs"] = oto_macs
     if method == "tp-mag-ft":
         kwargs["finetune"] = 2
     model, seconds = runner(setup, data, init, **kwargs)
@@ -292,10 +304,13 @@ def main() -> None:
                          "accuracy": accuracy(dense, data), "units": 1.0, "macs": 1.0,
                          "params": 1.0, "epoch_time_ratio": 1.0})
         for target in args.targets:
-            for method in args.methods:
+            oto_macs = None
+            for method in sorted(args.methods, key=METHODS.index):
                 if method != "dense":
-                    write(args.out, measure(setup, data, method, target, init, dense, cost,
-                                            dense_units, dense_seconds))
+                    row = measure(setup, data, method, target, init, dense, cost, dense_units,
+                                  dense_seconds, oto_macs)
+                    write(args.out, row)
+                    oto_macs = row["macs"] if method == "oto" else oto_macs
 
 
 def write(path: Path, row: dict[str, Any]) -> None:

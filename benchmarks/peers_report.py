@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ORDER = ("dessilbi", "dessilbi-path", "oto", "tp-reg", "tp-mag", "tp-mag-ft")
+ORDER = ("dessilbi", "dessilbi-path", "oto", "dessilbi-macs", "tp-reg", "tp-mag", "tp-mag-ft")
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
