@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from dessilbi.core.penalties import prox
 from dessilbi.core.prox import (
     group_norms,
     group_scale,
     group_soft_threshold,
-    prox,
     soft_threshold,
 )
 

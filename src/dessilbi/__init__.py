@@ -24,7 +24,8 @@ if TYPE_CHECKING:
         unwrap_optimizer,
     )
     from .core.param_groups import lbi_param_groups
-    from .core.prox import group_norms, group_scale, group_soft_threshold, prox, soft_threshold
+    from .core.penalties import Penalty, get_penalty, prox, register_penalty
+    from .core.prox import group_norms, group_scale, group_soft_threshold, soft_threshold
     from .core.target import SparsityTarget, support_fraction
     from .core.units import classifier_of, coupled_parameters, unit_density
 
@@ -34,8 +35,9 @@ _EXPORTS = {
     **dict.fromkeys(("PENALTY_CHOICES", "DessiLBI", "dessilbi_update", "nu_for_steps",
                      "resolve_penalty", "unwrap_optimizer"), ".core.optim"),
     "lbi_param_groups": ".core.param_groups",
-    **dict.fromkeys(("group_norms", "group_scale", "group_soft_threshold", "prox",
-                     "soft_threshold"), ".core.prox"),
+    **dict.fromkeys(("group_norms", "group_scale", "group_soft_threshold", "soft_threshold"),
+                    ".core.prox"),
+    **dict.fromkeys(("Penalty", "get_penalty", "prox", "register_penalty"), ".core.penalties"),
     **dict.fromkeys(("SparsityTarget", "support_fraction"), ".core.target"),
     **dict.fromkeys(("classifier_of", "coupled_parameters", "unit_density"), ".core.units"),
 }
@@ -57,7 +59,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DessiLBI",
+    "Penalty",
     "SparsityTarget",
+    "get_penalty",
+    "register_penalty",
     "classifier_of",
     "coupled_parameters",
     "support_fraction",

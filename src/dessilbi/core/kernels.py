@@ -12,7 +12,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .prox import broadcast_to_groups, group_scale, prox
+from .penalties import prox
+from .prox import broadcast_to_groups, group_scale
 
 
 def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:

@@ -36,12 +36,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .prox import GROUP_NORMS, prox
+from .penalties import PENALTIES, prox
+from .prox import GROUP_NORMS
 from .update import dessilbi_update
 
 __all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "unwrap_optimizer", "PENALTY_CHOICES"]
 
-PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")
+PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")  # built in: PENALTIES
 
 
 DEFAULT_NU = 100.0  # the paper's ν, for runs whose length the optimizer is not told
@@ -118,8 +119,8 @@ def _check_group(group: dict[str, Any]) -> None:
     for field, value, ok, why in checks:
         if isinstance(value, bool) or not ok:  # `not ok` also catches NaN comparisons
             raise bad(field, value, why)
-    if group["penalty"] not in PENALTY_CHOICES:
-        raise bad("penalty", group["penalty"], f"must be one of {PENALTY_CHOICES}")
+    if group["penalty"] != "auto" and group["penalty"] not in PENALTIES:
+        raise bad("penalty", group["penalty"], f"must be one of {('auto', *PENALTIES)}")
     if group["group_norm"] not in GROUP_NORMS:
         raise bad("group_norm", group["group_norm"], f"must be one of {GROUP_NORMS}")
     if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .optim import PENALTY_CHOICES
+from .penalties import PENALTIES
 from .units import CONV_TYPES, LINEAR_TYPES, NORM_TYPES, classifier_of
 
 TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -64,8 +64,8 @@ def lbi_param_groups(
         ``"weight_decay"``. Parameters shared by several modules appear once.
     """
     for field, value in (("conv_penalty", conv_penalty), ("linear_penalty", linear_penalty)):
-        if value not in PENALTY_CHOICES or value == "auto":
-            raise ValueError(f"invalid {field}={value!r}: must be 'lasso', 'group' or 'none'")
+        if value not in PENALTIES:
+            raise ValueError(f"invalid {field}={value!r}: must be one of {tuple(PENALTIES)}")
     if not weight_decay >= 0.0:
         raise ValueError(f"invalid weight_decay={weight_decay!r}: must be >= 0")
 

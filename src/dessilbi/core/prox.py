@@ -15,8 +15,9 @@ Two penalties are provided:
 
   where n_g is the number of entries of a group. A zero group stays exactly zero (no NaN).
 
-All functions accept tensors of any memory format (channels_last included) and never
-synchronise with the device.
+The penalties that use them, with their notion of a unit, are objects in :mod:`.penalties`
+(``prox(v, penalty, λ)`` dispatches there). All functions accept tensors of any memory format
+(channels_last included) and never synchronise with the device.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ import torch
 import torch.nn.functional as F
 
 GroupNorm = Literal["l2", "rms"]
-Penalty = Literal["lasso", "group", "none"]
-
-PENALTIES: tuple[str, ...] = ("lasso", "group", "none")
 GROUP_NORMS: tuple[str, ...] = ("l2", "rms")
 
 
@@ -108,19 +106,6 @@ def group_soft_threshold(
     """
     scale = group_scale(v, lambda_, dim, group_norm)
     return v * broadcast_to_groups(scale, v, dim)
-
-
-def prox(
-    v: torch.Tensor, penalty: Penalty, lambda_: float, group_norm: GroupNorm = "l2"
-) -> torch.Tensor:
-    """Dispatch to the proximal map of ``penalty`` (groups along dim 0 for ``"group"``)."""
-    if penalty == "lasso":
-        return soft_threshold(v, lambda_)
-    if penalty == "group":
-        return group_soft_threshold(v, lambda_, 0, group_norm)
-    if penalty == "none":
-        return v.clone()
-    raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
 
 
 def _check_lambda(lambda_: float) -> None:

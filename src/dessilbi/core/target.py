@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from .optim import DessiLBI, nu_for_steps, unwrap_optimizer
-from .prox import group_norms
-from .units import unit_counts, unit_mask
+from .penalties import get_penalty
+from .units import unit_counts
 
 __all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS"]
 
@@ -68,9 +68,7 @@ def support_fraction(step: int, select_step: int, density: float, schedule: str 
 
 def unit_norms(v: Tensor, penalty: str, group_norm: str = "l2") -> Tensor:
     """The norm the proximal map thresholds, one value per unit (filter / neuron / weight)."""
-    if penalty == "group":
-        return group_norms(v, 0, group_norm)  # type: ignore[arg-type]
-    return v.abs().reshape(-1)
+    return get_penalty(penalty).unit_norms(v, group_norm)
 
 
 def _threshold_keeping(norms: Tensor, k: int) -> float:
@@ -250,11 +248,9 @@ class SparsityTarget:
     def _fix_mask(self) -> None:
         opt = self.optimizer
         for p in self.params:
-            units = unit_mask(opt.support(p), opt.penalty_of(p))
-            if opt.penalty_of(p) == "lasso":
-                units = units.reshape(p.shape)
-            shape = units.shape + (1,) * (p.ndim - units.ndim)
-            opt.set_mask(p, units.reshape(shape))
+            penalty = get_penalty(opt.penalty_of(p))
+            units = penalty.unit_mask(opt.support(p))
+            opt.set_mask(p, penalty.unit_shaped(units, p.shape))
             for q in self.coupled.get(id(p), []):
                 if q.ndim >= 1 and q.shape[0] == units.numel():
                     opt.set_mask(q, units.reshape((-1,) + (1,) * (q.ndim - 1)))

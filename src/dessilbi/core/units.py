@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .penalties import get_penalty
+
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
@@ -108,10 +110,8 @@ def coupled_parameters(model: nn.Module, example: Any) -> dict[Tensor, list[Tens
 
 
 def unit_mask(mask: Tensor, penalty: str) -> Tensor:
-    """Per filter / neuron (group) or per weight (lasso) view of a mask, as a flat bool tensor."""
-    if penalty == "group" and mask.ndim >= 2:
-        return mask.reshape(mask.shape[0], -1).any(dim=1)
-    return mask.reshape(-1)
+    """Per-unit view of a mask (filters / neurons for group, weights for lasso), flat bools."""
+    return get_penalty(penalty).unit_mask(mask)
 
 
 def unit_counts(mask: Tensor, penalty: str) -> tuple[int, int]:

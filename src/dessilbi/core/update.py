@@ -9,8 +9,11 @@ from torch import Tensor
 
 from ._fused import fused_update
 from .kernels import group_by_device_dtype, multi_tensor, single_tensor
+from .penalties import PENALTIES
 
 __all__ = ["dessilbi_update"]
+
+COMPILED_PENALTIES = ("lasso", "group", "none")  # the compiled kernel's own code knows these
 
 
 def dessilbi_update(
@@ -40,8 +43,10 @@ def dessilbi_update(
     """
     if not params:
         return
-    if penalty not in ("lasso", "group", "none"):
-        raise ValueError(f"invalid penalty={penalty!r}")
+    if penalty not in PENALTIES:
+        raise ValueError(f"invalid penalty={penalty!r}: must be one of {tuple(PENALTIES)}")
+    if penalty not in COMPILED_PENALTIES:  # a registered penalty: eager, through its prox
+        fused = False
     hp = dict(
         penalty=penalty, lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, group_norm=group_norm,
         momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,

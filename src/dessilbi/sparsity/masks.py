@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.optim import DessiLBI, unwrap_optimizer
+from ..core.penalties import PENALTIES, get_penalty
 from ..core.units import unit_mask
 
 __all__ = [
@@ -84,8 +85,8 @@ def layer_report(masks: Mapping[str, Tensor],
         n, k = m.numel(), int(m.sum())
         total, nonzero = total + n, nonzero + k
         row: dict[str, Any] = {"weights": n, "nonzero": k, "density": k / n if n else 0.0}
-        if penalties and penalties.get(name) == "group" and m.ndim >= 2:
-            units = unit_mask(m, "group")
+        units = unit_mask(m, penalties.get(name, "lasso")) if penalties else m.reshape(-1)
+        if units.numel() != m.numel():  # units coarser than weights: filters / neurons
             row["filters"] = units.numel()
             row["filters_kept"] = int(units.sum())
         report[name] = row
@@ -150,7 +151,7 @@ def mask_at(entry_state: dict[str, Any], epoch: int, shapes: Mapping[str, torch.
             penalties: Mapping[str, str]) -> Mask:
     """The Γ-support :class:`Mask` of ``epoch`` from a saved :class:`EntryTracker` state."""
     units = EntryTracker(entry_state).units_at(epoch)
-    return Mask({n: _expand(u, torch.empty(shapes[n], device="meta"), penalties.get(n, "lasso"))
+    return Mask({n: get_penalty(penalties.get(n, "lasso")).expand(u, shapes[n])
                  for n, u in units.items()}, penalties)
 
 
@@ -206,13 +207,11 @@ class Mask:
                 raise ValueError(f"invalid mask {name!r}: expected a bool tensor, got "
                                  f"{getattr(m, 'dtype', type(m))}")
             pen = (penalties or {}).get(name, "lasso")
-            if pen not in ("group", "lasso"):
+            if pen not in PENALTIES or pen == "none":
                 raise ValueError(f"invalid penalty {pen!r} for mask {name!r}")
-            if pen == "group" and m.ndim >= 2:
-                rows = m.reshape(m.shape[0], -1)
-                if not torch.equal(rows.any(1), rows.all(1)):
-                    raise ValueError(f"invalid mask {name!r}: a group mask must keep or drop "
-                                     "whole filters")
+            if not get_penalty(pen).whole_units(m):
+                raise ValueError(f"invalid mask {name!r}: a {pen} mask must keep or drop "
+                                 "whole filters / neurons")
             self.masks[name] = m.detach().cpu()
             self.penalties[name] = pen
 
@@ -237,9 +236,8 @@ class Mask:
             if name not in params:
                 raise KeyError(f"entry names a parameter the model does not have: {name!r}")
             w = params[name].detach().float().cpu()
-            pen = penalties.get(name, "lasso")
-            unit_norm = _row_norms(w) if pen == "group" and w.ndim >= 2 else w.abs().reshape(-1)
-            unit_size = w[0].numel() if pen == "group" and w.ndim >= 2 else 1
+            unit_norm = get_penalty(penalties.get(name, "lasso")).unit_norms(w)
+            unit_size = w.numel() // max(unit_norm.numel(), 1)
             n = e.numel()
             keys.append(torch.full((n,), len(sizes)))
             sizes.append(unit_size)
@@ -272,11 +270,11 @@ class Mask:
         out = {}
         for name, pen in penalties.items():
             w = params[name].detach().float().cpu()
-            units = _row_norms(w) if pen == "group" and w.ndim >= 2 else w.abs().reshape(-1)
+            units = get_penalty(pen).unit_norms(w)
             k = int(round(density * units.numel()))
             keep = torch.zeros(units.numel(), dtype=torch.bool)
             keep[torch.argsort(units, descending=True, stable=True)[:k]] = True
-            out[name] = _expand(keep, w, pen)
+            out[name] = get_penalty(pen).expand(keep, w.shape)
         return cls(out, penalties)
 
     @classmethod
@@ -285,11 +283,11 @@ class Mask:
         g = torch.Generator().manual_seed(seed)
         out = {}
         for name, m in other.masks.items():
-            pen = other.penalties[name]
-            units = unit_mask(m, pen)
+            pen = get_penalty(other.penalties[name])
+            units = pen.unit_mask(m)
             keep = torch.zeros_like(units)
             keep[torch.randperm(units.numel(), generator=g)[: int(units.sum())]] = True
-            out[name] = _expand(keep, m, pen)
+            out[name] = pen.expand(keep, m.shape)
         return cls(out, other.penalties)
 
     @classmethod
@@ -297,8 +295,8 @@ class Mask:
                     penalties: Mapping[str, str], layer: Tensor, kept: Tensor) -> Mask:
         out = {}
         for i, name in enumerate(entry):
-            pen = penalties.get(name, "lasso")
-            out[name] = _expand(kept[layer == i], params[name], pen)
+            pen = get_penalty(penalties.get(name, "lasso"))
+            out[name] = pen.expand(kept[layer == i], params[name].shape)
         return cls(out, {n: penalties.get(n, "lasso") for n in entry})
 
     # ---------------------------------------------------------------- use
@@ -369,14 +367,7 @@ def _check_density(density: float) -> None:
 
 
 def _unit_count(w: Tensor, pen: str) -> int:
-    return w.shape[0] if pen == "group" and w.ndim >= 2 else w.numel()
-
-
-def _expand(units: Tensor, like: Tensor, pen: str) -> Tensor:
-    """Unit mask (filters or weights) → a bool mask of ``like``'s shape."""
-    if pen == "group" and like.ndim >= 2:
-        return units.reshape((-1,) + (1,) * (like.ndim - 1)).expand(like.shape).clone()
-    return units.reshape(like.shape).clone()
+    return get_penalty(pen).unit_mask(torch.empty(w.shape, dtype=torch.bool, device="meta")).numel()
 
 
 LAYER_COLUMNS = ["layer", "weights", "non-zero", "density", "filters kept"]

@@ -143,10 +143,11 @@ class TrainConfig:
             raise bad("momentum", "must be in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise bad("nesterov", "needs momentum > 0")
+        from ..core.penalties import PENALTIES
+
         for f, choices in (("schedule", SCHEDULES), ("amp", AMP_MODES),
-                           ("group_norm", ("l2", "rms")),
-                           ("conv_penalty", ("group", "lasso", "none")),
-                           ("linear_penalty", ("group", "lasso", "none"))):
+                           ("group_norm", ("l2", "rms")), ("conv_penalty", tuple(PENALTIES)),
+                           ("linear_penalty", tuple(PENALTIES))):
             if getattr(self, f) not in choices:
                 raise bad(f, f"choose one of {', '.join(choices)}")
         if self.schedule == "multistep" and not self.milestones:
