@@ -269,3 +269,18 @@ def test_train_aimed_at_a_fraction_of_the_macs(tmp_path, capsys):
     assert main(["train", "--target-macs", "0.4", "--target-density", "0.5",
                  "--runs-dir", str(tmp_path)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_the_catalog_names_exactly_what_is_registered(capsys):
+    from dessilbi import catalog
+    from dessilbi.core.optimizers import OPTIMIZERS
+    from dessilbi.zoo.data import DATASETS
+    from dessilbi.zoo.models import MODELS
+
+    assert set(catalog.MODELS) == set(MODELS)
+    assert set(catalog.DATASETS) == set(DATASETS)
+    assert set(catalog.OPTIMIZERS) == set(OPTIMIZERS)
+    assert all(catalog.MODELS.values()) and all(catalog.OPTIMIZERS.values())
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in [*MODELS, *DATASETS, *OPTIMIZERS])

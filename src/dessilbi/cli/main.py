@@ -100,6 +100,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from .. import catalog
+
+    for title, table in (("model", catalog.MODELS), ("dataset", catalog.DATASETS),
+                         ("optimizer", catalog.OPTIMIZERS)):
+        print(format_table([[title, "what it is"], *table.items()], left=2) + "\n")
+    return 0
+
+
 def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -175,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_option(e)
     e.set_defaults(func=cmd_eval)
 
+    ls = sub.add_parser("list", help="the models, datasets and optimizers, with what each is")
+    ls.set_defaults(func=cmd_list)
+
     s = sub.add_parser("sweep", help="grid over options; runs what is missing; one table")
     s.add_argument("--config", help="YAML or TOML file of the shared training options")
     s.add_argument("--grid", action="append", default=[],
@@ -210,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`dessilbi list | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError,
             RunExistsError, RunLockedError, ValueError, KeyError, OSError) as e:
         if args.debug or os.environ.get("DESSILBI_DEBUG") == "1":

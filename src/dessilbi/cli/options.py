@@ -8,6 +8,7 @@ import types
 import typing
 from typing import Any
 
+from .. import catalog
 from ..training.config import TrainConfig, load_config_file
 
 __all__ = ["add_config_arguments", "config_from_args", "Parser", "fraction", "positive_int",
@@ -43,12 +44,10 @@ positive = _number(float, lambda v: v > 0.0, "expected a number > 0")
 
 
 _HELP = {
-    "model": "network (lenet3, lenet5, conv2/4/6, vgg16_bn, resnet20/32/56/110, alexnet, "
-             "resnet18, resnet50)",
-    "dataset": "default (fashion-mnist if found, else digits), mnist, fashion-mnist, cifar10, "
-               "cifar100, imagenet, digits, synthetic",
-    "optimizer": "dessilbi or a baseline: sgd, sgd-momentum, sgd-momentum-wd, nesterov, adam, "
-                 "adamw, adagrad, amsgrad, radam, adabound",
+    "model": f"network: {catalog.names(catalog.MODELS)} (dessilbi list)",
+    "dataset": "default (fashion-mnist if found, else digits), "
+               f"{catalog.names(catalog.DATASETS)} (dessilbi list)",
+    "optimizer": f"{catalog.names(catalog.OPTIMIZERS)} (dessilbi list)",
     "kappa": "κ: damping; every step is scaled by κ",
     "nu": "ν: coupling ‖W−Γ‖²/(2ν); sets the speed of the path (smaller = faster); "
           "default: lr·κ·steps/20, from the number of steps of the run; under torchrun "
