@@ -140,6 +140,7 @@ def prune_model(model: nn.Module, mask: Mask, example: Tensor) -> PruneResult:
     work = channel_masked(model, mask, example)
     macs0, params0 = count_cost(work, example)
     plans = prunable_channels(work, mask, example)
+    expected = _output(work, example)  # the channel-masked network's, before the surgery
     names = {id(m): n for n, m in work.named_modules()}
     removed: dict[str, int] = {}
     for group, idxs in plans:
@@ -147,7 +148,7 @@ def prune_model(model: nn.Module, mask: Mask, example: Tensor) -> PruneResult:
         removed[names.get(id(root), "?")] = len(idxs)
         group.prune()
     macs1, params1 = count_cost(work, example)
-    _check_same_function(channel_masked(model, mask, example), work, example)
+    _check_same_function(expected, work, example)
     return PruneResult(work, removed, params0, params1, macs0, macs1)
 
 
@@ -156,15 +157,18 @@ class PruneError(ValueError):
 
 
 @torch.no_grad()
-def _check_same_function(masked: nn.Module, pruned: nn.Module, example: Tensor,
+def _output(model: nn.Module, example: Tensor) -> Tensor:
+    model.eval()
+    return model(example)
+
+
+def _check_same_function(expected: Tensor, pruned: nn.Module, example: Tensor,
                          tol: float = 1e-4) -> None:
-    """Refuse a pruned network whose output differs from the channel-masked one (a layout the
-    dependency graph misreads, e.g. channels permuted before a Linear)."""
-    masked.eval()
-    pruned.eval()
-    a, b = masked(example), pruned(example)
-    diff = float((a - b).abs().max()) if a.shape == b.shape else math.inf
-    scale = max(1.0, float(a.abs().max()))
+    """Refuse a pruned network whose output differs from ``expected``, the channel-masked
+    network's (a layout the dependency graph misreads, e.g. channels permuted before a Linear)."""
+    got = _output(pruned, example)
+    diff = float((expected - got).abs().max()) if expected.shape == got.shape else math.inf
+    scale = max(1.0, float(expected.abs().max()))
     if not diff <= tol * scale:
         raise PruneError(f"the pruned network differs from the masked one by {diff:.3g} on the "
                          f"example input; this architecture is not pruned correctly, use "
