@@ -218,21 +218,18 @@ def _write_log(path: Path, stages: list[dict[str, Any]]) -> None:
 
 def _restore(cfg: TrainConfig, loop: Any, growth: _Growth, checkpointer: Any) -> None:
     """Widen the network to the checkpoint's architecture, then load the checkpoint."""
-    from ..files import load_with_fallback
-    from ..training.callbacks import CHECKPOINT
-
-    path = loop.run_dir / CHECKPOINT
-    if not path.exists() and not path.with_name(CHECKPOINT + ".prev").exists():
+    ck = checkpointer.load(loop)
+    if ck is None:
         log.info("no checkpoint in %s: starting from scratch", loop.run_dir)
         return
-    widths = load_with_fallback(path)[0]["growth"]["architecture"]
+    widths = ck["growth"]["architecture"]
     wider = [g for g in find_growable(loop.model, growth.example)
              if widths.get(g.name, g.conv.out_channels) > g.conv.out_channels]
     for g in wider:  # the new filters are overwritten by the checkpoint's weights
         grow_layer(g, widths[g.name], torch.Generator().manual_seed(0))
     if wider:
         loop.built = _rebuilt_optimizer(cfg, loop.built)
-    checkpointer.restore(loop)
+    checkpointer.apply(loop, ck)
     log.info("resumed %s at epoch %d, batch %d (stage %d)", loop.run_dir, loop.epoch,
              loop.batch, len(growth.stages))
 

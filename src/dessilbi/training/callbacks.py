@@ -289,12 +289,25 @@ class Checkpointer:
 
     def restore(self, loop: Loop) -> bool:
         """Load the checkpoint into ``loop`` and the stateful callbacks; False when none."""
+        ck = self.load(loop)
+        if ck is None:
+            return False
+        self.apply(loop, ck)
+        return True
+
+    def load(self, loop: Loop) -> dict[str, Any] | None:
+        """The run's checkpoint (``.prev`` when ``checkpoint.pt`` is missing or unreadable), or
+        None when it has none."""
         path = loop.run_dir / CHECKPOINT
         if not path.exists() and not path.with_name(CHECKPOINT + ".prev").exists():
-            return False
+            return None
         ck, source = load_with_fallback(path, map_location=loop.built.device)
         if source != path:
             log.warning("%s is missing or unreadable: resuming from %s", path, source)
+        return ck
+
+    def apply(self, loop: Loop, ck: dict[str, Any]) -> None:
+        """Put a loaded checkpoint into ``loop`` and the stateful callbacks."""
         b = loop.built
         unwrap(loop.model).load_state_dict(ck["model"])
         b.optimizer.load_state_dict(ck["optimizer"])
@@ -307,7 +320,6 @@ class Checkpointer:
         for cb in self.stateful:
             if ck.get(cb.state_key) is not None:
                 cb.load_state_dict(ck[cb.state_key])
-        return True
 
 
 def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
