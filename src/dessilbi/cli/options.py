@@ -54,8 +54,9 @@ _HELP = {
           "write --coupling-nu",
     "target_density": "fraction of filters / neurons to keep (ν and λ are derived from it "
                       "and the number of steps)",
-    "target_macs": "fraction of the dense network's MACs to keep (units taken by the same "
-                   "ranking until the pruned network costs that; whole filters / neurons only)",
+    "target_macs": "fraction of the dense network's MACs to keep (the units of the same "
+                   "ranking whose pruned network costs closest to it; whole filters / neurons "
+                   "only)",
     "select_at": "with --target-density / --target-macs: when the support reaches the "
                  "target, as a fraction of the run (default 0.5)",
     "freeze": "with a target: fix the mask at selection and train the subnetwork for "

@@ -15,7 +15,7 @@ r"""Aim DessiLBI at a sparsity: one knob, the fraction of filters / neurons kept
    weights, so one score means the same for layers of any size and scale. ``allocation="global"``
    ranks the units of all layers together (each layer keeps at least ``min_units``);
    ``"layer"`` keeps the same fraction in every layer. With a MACs target (``macs``) the
-   support holds, by the same global ranking, the most units whose pruned network costs at most
+   support holds the prefix of the same global ranking whose pruned network costs closest to
    that fraction of the dense network's MACs (``cost``: :class:`dessilbi.structure.cost.MacsModel`).
 3. **Select, then train the subnetwork.** At T_s (``freeze=True``) the support becomes a fixed
    mask: the coupling is released (ν = ∞, so V and Γ stop moving), the weights outside the mask
@@ -99,7 +99,7 @@ class SparsityTarget:
             the penalised layers to keep, in (0, 1]; ``None`` with ``macs``.
         total_steps: the optimizer steps of the whole run (epochs × batches per epoch).
         macs: instead of ``density``, the fraction of the dense network's MACs to keep: the
-            units are taken by the same global ranking until ``cost`` reaches it (``group``
+            prefix of the same global ranking whose ``cost`` is closest to it (``group``
             penalties only).
         cost: the MACs fraction after every prefix of a global order of the units, given
             each penalised tensor's ranks: :class:`dessilbi.structure.cost.MacsModel`.

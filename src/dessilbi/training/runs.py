@@ -17,6 +17,8 @@ from ..files import CheckpointError, load_checkpoint, load_with_fallback
 from ..sparsity.masks import Mask, mask_at
 from .config import TrainConfig
 
+log = logging.getLogger(__name__)
+
 METRICS = "metrics.jsonl"
 
 
@@ -37,7 +39,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             records.append(record)
     return records
 
-log = logging.getLogger(__name__)
 
 __all__ = ["Run", "open_run", "pareto_front", "choose_epoch"]
 
