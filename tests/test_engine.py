@@ -370,3 +370,24 @@ def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
         for name in a[k]:
             if isinstance(a[k][name], torch.Tensor):
                 assert torch.equal(a[k][name], b[k][name]), name
+
+
+def test_a_run_reads_its_checkpoint_once_and_building_never_changes_it(tmp_path, monkeypatch):
+    from dessilbi.training import runs
+    from dessilbi.training.runs import open_run
+
+    c = cfg(tmp_path, epochs=1)
+    train(c)
+    loads = []
+    real = runs.load_checkpoint
+    monkeypatch.setattr(runs, "load_checkpoint", lambda *a, **k: loads.append(a) or real(*a, **k))
+    run = open_run(c.run_dir())
+    b = run.build(device="cpu")
+    assert run.checkpoint()["epoch"] == 1 and loads == []  # open_run's read serves them all
+    saved = {k: {n: t.clone() for n, t in st.items() if torch.is_tensor(t)}
+             for k, st in run.checkpoint()["optimizer"]["state"].items()}
+    for p in b.model.parameters():
+        p.grad = torch.ones_like(p)
+    b.optimizer.step()
+    state = run.checkpoint()["optimizer"]["state"]
+    assert all(torch.equal(t, state[k][n]) for k, st in saved.items() for n, t in st.items())

@@ -5,6 +5,7 @@ Everything here only reads; nothing retrains.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -51,9 +52,13 @@ class Run:
     checkpoint_path: Path
     cfg: TrainConfig
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    loaded: dict[str, Any] | None = field(default=None, repr=False)  # what open_run read
 
     def checkpoint(self) -> dict[str, Any]:
-        return load_checkpoint(self.checkpoint_path)
+        """The checkpoint's contents (read once: open_run has already loaded it)."""
+        if self.loaded is None:
+            self.loaded = load_checkpoint(self.checkpoint_path)
+        return self.loaded
 
     def build(self, device: str | None = None, data_dir: str | None = None) -> Any:
         """Data, model and optimizer of the run with the checkpoint's state loaded.
@@ -74,7 +79,9 @@ class Run:
         b = build(cfg)
         ck = self.checkpoint()
         b.model.load_state_dict(ck["model"])
-        b.optimizer.load_state_dict(ck["optimizer"])
+        # torch's load_state_dict keeps the given state tensors (same device and dtype): a copy,
+        # so that stepping the built optimizer never changes the checkpoint read once here
+        b.optimizer.load_state_dict(copy.deepcopy(ck["optimizer"]))
         return b
 
     def support_file(self) -> dict[str, Any]:
@@ -120,7 +127,7 @@ def open_run(path: str | Path) -> Run:
     if "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{ck_path} is not a dessilbi training checkpoint")
     cfg = TrainConfig.from_dict(ck["config"], source=str(ck_path))
-    return Run(run_dir, ck_path, cfg, read_metrics(run_dir))
+    return Run(run_dir, ck_path, cfg, read_metrics(run_dir), ck)
 
 
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
