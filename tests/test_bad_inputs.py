@@ -5,7 +5,6 @@ and every option of every subcommand that takes a typed value or a choice."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
 
@@ -13,9 +12,8 @@ import pytest
 import yaml
 
 from dessilbi.cli.main import build_parser, main
-from dessilbi.training.config import TrainConfig
+from dessilbi.training.config import flat_fields
 
-_HINTS = typing.get_type_hints(TrainConfig)
 _CHOICE_KEYS = ("model", "dataset", "optimizer", "group_norm", "conv_penalty", "linear_penalty",
                 "schedule", "device", "amp")
 
@@ -29,7 +27,7 @@ def _wrong_value(tp: typing.Any) -> typing.Any:
     return {bool: "maybe", int: "abc", float: "abc", str: [1, 2]}[tp]
 
 
-CONFIG_CASES = [(f.name, _wrong_value(_HINTS[f.name])) for f in dataclasses.fields(TrainConfig)]
+CONFIG_CASES = [(f.key, _wrong_value(f.type)) for f in flat_fields()]
 CONFIG_CASES += [(key, "bogus") for key in _CHOICE_KEYS]
 CONFIG_CASES += [("milestones", [1, "a"]), ("synthetic_size", [1, 2])]
 

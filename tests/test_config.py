@@ -1,18 +1,55 @@
 """The run identity: which settings name a run folder (training/config.py)."""
 
 import dataclasses
+import pickle
 
-from dessilbi.training.config import TrainConfig
+import pytest
+
+from dessilbi.training.config import ConfigError, OptimizerConfig, TrainConfig
+
+# Names given by the flat configuration of release 0.1 (current and legacy hash): the nested
+# sections, and options added since (final_lr), must name these runs as before.
+NAMED_BEFORE = [
+    (dict(dataset="digits", epochs=3, lr=0.05),
+     "digits_lenet3_dessilbi_k1_nuauto_lam1_lr0.05_e3_s0_3823b232", "e3682895"),
+    (dict(dataset="fashion-mnist", model="conv4", target_density=0.3, milestones=[3, 5],
+          schedule="multistep"),
+     "fashion-mnist_conv4_dessilbi_units0.3_lr0.1_e20_s0_ceb8e238", "6da6a8ec"),
+    (dict(dataset="mnist", optimizer="sgd", exclude=["fc"]),
+     "mnist_lenet3_sgd_lr0.1_e20_s0_7b24d7b8", "c8ce6d76"),
+]
 
 
-def test_a_new_option_at_its_default_keeps_every_name():
-    extended = dataclasses.make_dataclass("Extended", [("new_option", int, 0)],
-                                          bases=(TrainConfig,))
-    old = TrainConfig(dataset="digits", epochs=3, lr=0.05)
-    new = extended(dataset="digits", epochs=3, lr=0.05)
-    assert new.run_name() == old.run_name()
-    assert extended(dataset="digits", epochs=3, lr=0.05, new_option=1).run_name() != \
-        old.run_name()
+@pytest.mark.parametrize("flat, name, legacy_hash", NAMED_BEFORE)
+def test_existing_runs_keep_their_names(flat, name, legacy_hash):
+    cfg = TrainConfig(**flat)
+    assert cfg.run_name() == name
+    assert cfg.run_name(legacy=True) == name.rsplit("_", 1)[0] + "_" + legacy_hash
+    assert TrainConfig.from_dict(cfg.to_nested()).run_name() == name  # sections load back
+
+
+def test_a_new_option_names_a_run_only_away_from_its_default():
+    base = TrainConfig(dataset="digits", epochs=3, lr=0.05)
+    assert base.replace(final_lr=0.1).run_name() == base.run_name()  # final_lr came later
+    assert base.replace(final_lr=0.2).run_name() != base.run_name()
+
+
+def test_sections_and_flat_keys_are_one_configuration():
+    cfg = TrainConfig.from_dict({"optim": {"lr": 0.05, "name": "sgd"}, "epochs": 3,
+                                 "target-density": 0.3})
+    assert (cfg.optim.lr, cfg.lr, cfg.optimizer, cfg.sched.epochs, cfg.target.density) == \
+        (0.05, 0.05, "sgd", 3, 0.3)
+    assert cfg == TrainConfig(lr=0.05, optimizer="sgd", epochs=3, target_density=0.3)
+    assert cfg == TrainConfig(optim=OptimizerConfig(lr=0.05, name="sgd"), epochs=3,
+                              target_density=0.3)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 0.2  # type: ignore[misc]
+    assert cfg.replace(lr=0.2).lr == 0.2 and cfg.lr == 0.05  # a copy, never in place
+    with pytest.raises(ConfigError, match="unknown key 'optim.betas'|unknown key optim.betas"):
+        TrainConfig.from_dict({"optim": {"betas": 1}})
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        TrainConfig.from_dict({"colour": 1})
 
 
 def test_settings_that_do_not_change_the_result_are_not_in_the_name(tmp_path):
@@ -44,3 +81,15 @@ def test_folders_named_by_an_earlier_release_are_found(tmp_path):
     assert cfg.run_dir() == legacy  # an old run is resumed where it is
     (tmp_path / cfg.run_name()).mkdir()
     assert cfg.run_dir() == tmp_path / cfg.run_name()
+
+
+def test_the_two_config_files_of_the_cli_page_are_one_configuration():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    flat, nested = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, re.S)[:2]]
+    assert "optim" in nested and "optim" not in flat
+    assert TrainConfig.from_dict(flat) == TrainConfig.from_dict(nested)

@@ -11,19 +11,17 @@ win). Bad input prints one line and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
 import os
 import sys
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..tables import format_table
-from ..training.config import ConfigError, TrainConfig
+from ..training.config import ConfigError, flat_fields
 from .options import Parser, add_config_arguments, arg_type, config_from_args
 from .structure_args import data_dir_option
 
@@ -111,8 +109,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
+    known = {f.key: f for f in flat_fields()}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"invalid --grid {item!r}: expected key=v1,v2,...")
@@ -121,7 +118,7 @@ def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         k = "lambda_" if k == "lambda" else k
         if k not in known:
             raise ConfigError(f"invalid --grid key {key!r}: not a training option")
-        tp, _ = arg_type(hints[k])
+        tp, _ = arg_type(known[k].type)
         conv = tp or (lambda s: s.lower() in ("1", "true", "yes"))
         try:
             grid[k] = [conv(v) for v in values.split(",") if v != ""]
@@ -143,8 +140,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = [keys + ["Full acc", "Sparse acc", "density", "run"]]
     records = []
     for combo in tqdm(combos, desc="sweep", disable=not sys.stderr.isatty()):
-        cfg = config_from_args(args, dict(zip(keys, combo)))
-        cfg.name = ""  # each grid point gets its own configuration-named folder
+        # each grid point gets its own configuration-named folder
+        cfg = config_from_args(args, dict(zip(keys, combo))).replace(name="")
         summary = train(cfg, resume=True)  # a finished grid point is read back
         final = summary["final"]
         records.append({**dict(zip(keys, combo)), **{k: final.get(k) for k in

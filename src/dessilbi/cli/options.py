@@ -1,15 +1,15 @@
-"""Command-line options generated from :class:`TrainConfig`'s fields, with a help text each."""
+"""Command-line options generated from :class:`TrainConfig`'s settings (one per flat key), with
+a help text each."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
 from typing import Any
 
 from .. import catalog
-from ..training.config import TrainConfig, load_config_file
+from ..training.config import FlatField, TrainConfig, flat_fields, load_config_file
 
 __all__ = ["add_config_arguments", "config_from_args", "Parser", "fraction", "positive_int",
            "count", "nonnegative", "positive"]
@@ -68,6 +68,7 @@ _HELP = {
     "lambda_conv": "λ for conv layers (default: --lambda)",
     "schedule": "none, multistep (with --milestones), cosine, step (with --step-size)",
     "amp": "none, bf16 or fp16 (fp16 needs CUDA)",
+    "final_lr": "AdaBound's final (SGD-like) learning rate",
     "fused": "compiled DessiLBI update (fastest for long runs; compiles on the first step)",
     "max_train_batches": "truncate every epoch to this many batches (0: whole epoch)",
     "path_every": "record the solution path every N epochs (0: never)",
@@ -101,12 +102,12 @@ _HELP = {
 }
 
 
-def _help_of(f: dataclasses.Field[Any]) -> str:
-    """The field's help with its default (argparse shows None: the default is the config's)."""
-    text = _HELP[f.name]
+def _help_of(f: FlatField) -> str:
+    """The setting's help with its default (argparse shows None: the default is the config's)."""
+    text = _HELP[f.key]
     if "default" in text:
         return text
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default
     if isinstance(default, bool):
         shown = "on" if default else "off"
     elif isinstance(default, list):
@@ -135,16 +136,15 @@ _ALIASES = {"nu": ["--coupling-nu"]}
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field (default None = not given)."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flags = ["--" + f.name.rstrip("_").replace("_", "-"), *_ALIASES.get(f.name, [])]
-        tp, extra = arg_type(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+    """One ``--flag`` per :class:`TrainConfig` setting (default None = not given)."""
+    for f in flat_fields():
+        flags = ["--" + f.key.rstrip("_").replace("_", "-"), *_ALIASES.get(f.key, [])]
+        tp, extra = arg_type(f.type)
+        kwargs: dict[str, Any] = {"dest": f.key, "default": None,
                                   "help": _help_of(f), **extra}
         if tp is not None:
             kwargs["type"] = tp
-            kwargs["metavar"] = f.name.rstrip("_").upper()
+            kwargs["metavar"] = f.key.rstrip("_").upper()
         p.add_argument(*flags, **kwargs)
 
 
@@ -152,10 +152,10 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
         data.update(load_config_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
+    for f in flat_fields():
+        v = getattr(args, f.key, None)
         if v is not None:
-            data[f.name] = v
+            data[f.key] = v
     data.update(extra or {})  # a sweep's grid point wins over the shared options
     return TrainConfig.from_dict(data, source=str(getattr(args, "config", None) or "options"))
 

@@ -109,7 +109,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_pruned(out, model_spec(run.cfg, b.info), mask, pruned, tuple(x1.shape))
+    save_pruned(out, model_spec(run.cfg.net, b.info), mask, pruned, tuple(x1.shape))
     if args.onnx:
         report["onnx"] = args.onnx
         report["onnx_max_abs_diff"] = export_onnx(pruned, x1, args.onnx)
@@ -195,9 +195,9 @@ def cmd_grow(args: argparse.Namespace) -> int:
         if args.config else set()
     cfg = config_from_args(args)
     if args.model is None and "model" not in file_keys:  # growing starts narrow: VGG by default
-        cfg.model = "vgg16_bn"
+        cfg = cfg.replace(model="vgg16_bn")
     if args.width is None and "width" not in file_keys:
-        cfg.width = 0.25
+        cfg = cfg.replace(width=0.25)
     gcfg = GrowConfig(tau=args.tau, grow_every=args.grow_every, max_stages=args.max_stages,
                       finetune_epochs=args.finetune_epochs)
     bar = tqdm(desc="grow", unit="epoch", disable=not cfg.progress)

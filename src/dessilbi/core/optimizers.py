@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .optim import DessiLBI
+from .optimizer_config import OptimizerConfig
 from .param_groups import lbi_param_groups
 
 __all__ = ["AdaBound", "OPTIMIZERS", "OptimizerConfig", "create_optimizer"]
@@ -27,28 +27,6 @@ OPTIMIZERS = (
     "dessilbi", "sgd", "sgd-momentum", "sgd-momentum-wd", "nesterov", "adam", "adamw",
     "adagrad", "amsgrad", "radam", "adabound",
 )
-
-
-@dataclass
-class OptimizerConfig:
-    """Hyper-parameters shared by the optimizers (each takes the ones it has)."""
-
-    name: str = "dessilbi"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    kappa: float = 1.0
-    nu: float | None = None  # None: from total_steps (nu_for_steps), else 100
-    lambda_: float = 1.0
-    lambda_conv: float | None = None
-    group_norm: str = "l2"
-    conv_penalty: str = "group"
-    linear_penalty: str = "group"
-    keep_classifier: bool = True
-    exclude: list[str] = field(default_factory=list)
-    fused: bool = False
-    final_lr: float = 0.1  # AdaBound
 
 
 class AdaBound(Optimizer):

@@ -173,8 +173,8 @@ def _grow(cfg: TrainConfig, gcfg: GrowConfig, run_dir: Path, progress: Any,
              "params": sum(p.numel() for p in model.parameters())}
     stages = [*growth.stages, final]
     _write_log(run_dir / "grow.jsonl", stages)
-    save_checkpoint({"format": GROWN_FORMAT, "model_spec": model_spec(cfg, b.info), "architecture":
-                     final["architecture"], "example_shape": list(example.shape),
+    save_checkpoint({"format": GROWN_FORMAT, "model_spec": model_spec(cfg.net, b.info),
+                     "architecture": final["architecture"], "example_shape": list(example.shape),
                      "model": model.state_dict(), "optimizer": loop.built.optimizer.state_dict()},
                     run_dir / GROWN_FILE)
     return {"run": str(run_dir), "stages": stages}
@@ -240,11 +240,11 @@ def _rebuilt_optimizer(cfg: TrainConfig, b: Any) -> Any:
     from ..training.build import make_scheduler
 
     old = b.optimizer
-    ocfg = dataclasses.replace(cfg.optimizer_config(), nu=old.param_groups[0].get("nu"))
+    ocfg = dataclasses.replace(cfg.optim, nu=old.param_groups[0].get("nu"))
     opt = create_optimizer(ocfg, b.model)
     for group in opt.param_groups:  # the current lr, not the initial one
         group["lr"] = old.param_groups[0]["lr"]
-    sched = make_scheduler(cfg, opt)
+    sched = make_scheduler(cfg.sched, opt)
     sched.load_state_dict(b.scheduler.state_dict())
     return dataclasses.replace(b, optimizer=opt, scheduler=sched)
 

@@ -54,12 +54,12 @@ def retrain(base: TrainConfig, name: str, mask: Mask | None, folder: Path) -> di
     a finished retrain is read back instead of trained again."""
     from ..training.engine import train
 
-    cfg = TrainConfig.from_dict({**base.to_dict(), "name": name, "runs_dir": str(folder)})
+    cfg = base.replace(name=name, runs_dir=str(folder))
     if mask is not None:
         path = folder / f"{name}.mask.pt"
         if not path.exists():
             mask.save(path)
-        cfg.mask = str(path)
+        cfg = cfg.replace(mask=str(path))
     return train(cfg, resume=True)  # a finished retrain is read back
 
 

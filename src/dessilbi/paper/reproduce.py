@@ -88,12 +88,7 @@ def load_table(path: str | Path) -> TableSpec:
 
 
 def _validate_without_files(cfg: TrainConfig) -> None:
-    saved = cfg.init_from, cfg.mask
-    cfg.init_from = cfg.mask = ""
-    try:
-        cfg.validate()
-    finally:
-        cfg.init_from, cfg.mask = saved
+    cfg.replace(init_from="", mask="").validate()
 
 
 def find_tables(root: str | Path) -> dict[str, Path]:

@@ -20,17 +20,17 @@ from ..sparsity.masks import Mask, unwrap
 from ..structure.cost import MacsModel
 from ..zoo.data import DataInfo, load_dataset
 from ..zoo.models import create_model
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, NetConfig, ScheduleConfig, TrainConfig
 
 __all__ = ["Built", "Dist", "batches_per_epoch", "build", "fixed_mask", "make_scheduler",
            "model_spec"]
 
 
-def model_spec(cfg: TrainConfig, info: DataInfo) -> dict[str, Any]:
+def model_spec(net: NetConfig, info: DataInfo) -> dict[str, Any]:
     """The keyword arguments of :func:`dessilbi.zoo.models.create_model` for a run's network
     (what a saved pruned or grown model records to rebuild it)."""
-    return {"name": cfg.model, "num_classes": info.num_classes,
-            "in_channels": info.in_channels, "image_size": info.image_size, "width": cfg.width}
+    return {"name": net.model, "num_classes": info.num_classes,
+            "in_channels": info.in_channels, "image_size": info.image_size, "width": net.width}
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,16 @@ def _device(name: str, d: Dist) -> torch.device:
     return dev
 
 
-def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
+def make_scheduler(sched: ScheduleConfig, opt: torch.optim.Optimizer) -> Any:
+    """The per-epoch learning-rate scheduler of the schedule section."""
     from torch.optim import lr_scheduler as ls
 
-    if cfg.schedule == "multistep":
-        return ls.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.lr_gamma)
-    if cfg.schedule == "cosine":
-        return ls.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.schedule == "step":
-        return ls.StepLR(opt, step_size=cfg.step_size, gamma=cfg.lr_gamma)
+    if sched.kind == "multistep":
+        return ls.MultiStepLR(opt, milestones=sched.milestones, gamma=sched.lr_gamma)
+    if sched.kind == "cosine":
+        return ls.CosineAnnealingLR(opt, T_max=sched.epochs)
+    if sched.kind == "step":
+        return ls.StepLR(opt, step_size=sched.step_size, gamma=sched.lr_gamma)
     return ls.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -103,7 +104,7 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         seed=cfg.seed,
     )
     torch.manual_seed(cfg.seed)
-    model = create_model(**model_spec(cfg, info))
+    model = create_model(**model_spec(cfg.net, info))
     if cfg.init_from:
         state = load_checkpoint(cfg.init_from)
         model.load_state_dict(state.get("model", state))
@@ -114,7 +115,7 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         model = model.to(memory_format=torch.channels_last)
     example = _example(test_set, device)
     steps = cfg.epochs * batches_per_epoch(cfg, len(train_set), d)  # type: ignore[arg-type]
-    opt = create_optimizer(cfg.optimizer_config(), model, example, total_steps=steps)
+    opt = create_optimizer(cfg.optim, model, example, total_steps=steps)
     target = None
     aimed = cfg.target_density is not None or cfg.target_macs is not None
     if aimed and isinstance(opt, DessiLBI):
@@ -124,8 +125,8 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         target = SparsityTarget(opt, cfg.target_density, steps, macs=cfg.target_macs, cost=cost,
                                 select_at=cfg.select_at, freeze=cfg.freeze,
                                 coupled=coupled_parameters(model, example))
-    return Built(cfg, model, opt, make_scheduler(cfg, opt), train_set, test_set, info, device, note,
-                 example, target, steps)
+    return Built(cfg, model, opt, make_scheduler(cfg.sched, opt), train_set, test_set, info,
+                 device, note, example, target, steps)
 
 
 def _example(dataset: Dataset, device: torch.device) -> Tensor:

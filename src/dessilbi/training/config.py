@@ -1,9 +1,21 @@
-"""Run configuration: one dataclass, validated, loadable from YAML / TOML, named by its content.
+"""Run configuration: nested frozen sections, validated, loadable from YAML / TOML, named by
+their content.
+
+A :class:`TrainConfig` holds one section per concern: ``net`` (which network), ``data`` (which
+dataset and how it is read), ``optim`` (the optimizer: :class:`OptimizerConfig`, the same
+dataclass ``create_optimizer`` reads), ``target`` (the sparsity target), ``sched`` (epochs and
+learning-rate schedule) and ``run`` (seed, device, precision, where and how the run is written).
+Every setting also has a *flat key*, its field name (``lr``, ``epochs``, ``target_density``;
+the optimizer's name is ``optimizer``, the schedule's ``schedule``): the keys of a config file,
+the command-line flags and the run folder's stored ``config.json`` use them, and
+``cfg.lr`` reads ``cfg.optim.lr``. Configurations are never changed in place:
+:meth:`TrainConfig.replace` returns a new one.
 
 Runs are stored under ``runs_dir/<name>`` where ``name`` defaults to a readable prefix
-(dataset, model, optimizer and its key hyper-parameters) and a short hash of every setting that
-changes the result, as open_lth does: the same configuration always lands in the same folder,
-which is what makes ``--resume`` and ``dessilbi sweep`` able to find finished runs.
+(dataset, model, optimizer and its key hyper-parameters) and a short hash of the settings that
+change the result and differ from their defaults, as open_lth does: the same configuration
+always lands in the same folder, which is what makes ``--resume`` and ``dessilbi sweep`` able
+to find finished runs.
 """
 
 from __future__ import annotations
@@ -18,16 +30,17 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from ..core.optimizers import OptimizerConfig
+from ..core.optimizer_config import OptimizerConfig
 
 # The registries (models, datasets, optimizers) import torch; they are read when a
 # configuration is validated or built, not when it is imported, so that the command line can
 # parse (and --help) without loading torch.
 
-__all__ = ["TrainConfig", "ConfigError", "load_config_file", "resolve_default_dataset"]
+__all__ = ["TrainConfig", "ConfigError", "FlatField", "flat_fields", "load_config_file",
+           "resolve_default_dataset", "NetConfig", "DataConfig", "OptimizerConfig",
+           "TargetConfig", "ScheduleConfig", "RunConfig"]
 
 SCHEDULES = ("none", "multistep", "cosine", "step")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -35,53 +48,64 @@ AMP_MODES = ("none", "bf16", "fp16")
 # Fields that do not change what a run computes: left out of the run-name hash.
 _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
                "progress", "tensorboard"}
+# Keys added since the first release: left out of the hash of older run folders' names.
+_NOT_LEGACY = {"final_lr"}
 
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on."""
+@dataclass(frozen=True)
+class NetConfig:
+    """Which network: a name of the model registry and its channel multiplier."""
 
     model: str = "lenet3"
     width: float = 1.0  # channel multiplier (vgg16_bn, resnet*): narrow starts for growing
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it is read from, and how it is batched."""
+
     dataset: str = "default"  # fashion-mnist when it is found, otherwise digits
     data_dir: str = "data"
     download: bool = False
-    optimizer: str = "dessilbi"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    kappa: float = 1.0
-    nu: float | None = None  # None: ν = lr·κ·steps/20, from the run's number of steps
-    lambda_: float = 1.0
-    lambda_conv: float | None = None
-    group_norm: str = "l2"
-    conv_penalty: str = "group"
-    linear_penalty: str = "group"  # one group per output neuron: removable neurons
-    keep_classifier: bool = True  # the layer producing the outputs gets no penalty
-    exclude: list[str] = field(default_factory=list)
-    target_density: float | None = None  # fraction of filters / neurons kept (SparsityTarget)
-    target_macs: float | None = None  # fraction of the dense network's MACs kept (SparsityTarget)
+    batch_size: int = 128
+    workers: int = 0
+    max_train_batches: int = 0  # 0 = the whole epoch; >0 truncates epochs (smoke tests)
+    synthetic_size: list[int] = field(default_factory=lambda: [512, 1, 28, 10])
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The sparsity target (SparsityTarget): units or MACs kept, when, and what happens after."""
+
+    density: float | None = None  # fraction of filters / neurons kept
+    macs: float | None = None  # fraction of the dense network's MACs kept
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training budget and the learning-rate schedule over it."""
+
     epochs: int = 20
-    batch_size: int = 128
-    schedule: str = "none"
+    kind: str = "none"
     milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     step_size: int = 30
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seed, device and precision, the files the run starts from, and how it is written."""
+
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
-    fused: bool = False
-    workers: int = 0
-    max_train_batches: int = 0  # 0 = the whole epoch; >0 truncates epochs (smoke tests)
-    synthetic_size: list[int] = field(default_factory=lambda: [512, 1, 28, 10])
     path_every: int = 1  # record the solution path every N epochs (0 = never)
     init_from: str = ""  # start from these weights (a run's init.pt: lottery-ticket rewinding)
     mask: str = ""  # keep the weights outside this mask at zero (weights and gradients masked)
@@ -90,6 +114,116 @@ class TrainConfig:
     log_every: int = 20
     progress: bool = True
     tensorboard: bool = True
+
+
+_SECTIONS: dict[str, type] = {"net": NetConfig, "data": DataConfig, "optim": OptimizerConfig,
+                              "target": TargetConfig, "sched": ScheduleConfig, "run": RunConfig}
+# Section fields whose flat key is not their own name.
+_RENAMED = {("optim", "name"): "optimizer", ("target", "density"): "target_density",
+            ("target", "macs"): "target_macs", ("sched", "kind"): "schedule"}
+
+
+class FlatField(NamedTuple):
+    """One setting under its flat key (config-file key, flag, ``config.json`` key)."""
+
+    key: str
+    section: str
+    attr: str
+    type: Any
+    default: Any
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def flat_fields() -> list[FlatField]:
+    """Every setting of a :class:`TrainConfig` by its flat key, section by section."""
+    out = []
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            key = _RENAMED.get((section, f.name), f.name)
+            out.append(FlatField(key, section, f.name, hints[f.name], _default_of(f)))
+    return out
+
+
+_FLAT: dict[str, FlatField] = {f.key: f for f in flat_fields()}
+
+
+@dataclass(frozen=True, init=False)
+class TrainConfig:
+    """A training run's configuration: one frozen section per concern (see the module).
+
+    Built from sections, from flat keys, or both (flat keys win)::
+
+        TrainConfig(optim=OptimizerConfig(lr=0.05), epochs=3)
+        TrainConfig(lr=0.05, epochs=3)  # the same configuration
+
+    An unknown key raises ``TypeError``, as a dataclass does.
+    """
+
+    net: NetConfig
+    data: DataConfig
+    optim: OptimizerConfig
+    target: TargetConfig
+    sched: ScheduleConfig
+    run: RunConfig
+
+    def __init__(self, net: NetConfig | None = None, data: DataConfig | None = None,
+                 optim: OptimizerConfig | None = None, target: TargetConfig | None = None,
+                 sched: ScheduleConfig | None = None, run: RunConfig | None = None,
+                 **flat: Any) -> None:
+        given = dict(net=net, data=data, optim=optim, target=target, sched=sched, run=run)
+        unknown = set(flat) - set(_FLAT)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        for section, cls in _SECTIONS.items():
+            changes = {_FLAT[k].attr: v for k, v in flat.items() if _FLAT[k].section == section}
+            value = given[section] or cls()
+            object.__setattr__(self, section, dataclasses.replace(value, **changes))
+
+    def __getattr__(self, key: str) -> Any:
+        """A setting by its flat key: ``cfg.lr`` is ``cfg.optim.lr``."""
+        where = _FLAT.get(key)
+        if where is None:
+            raise AttributeError(f"{type(self).__name__!s} has no setting {key!r}")
+        return getattr(getattr(self, where.section), where.attr)
+
+    # ------------------------------------------------------------------ building
+    def replace(self, **values: Any) -> TrainConfig:
+        """A copy with the given flat keys changed."""
+        return type(self)(**{**self.to_dict(), **values})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping of flat keys and / or sections (``optim: {lr: 0.05}``),
+        rejecting unknown keys (``-`` and ``_`` are interchangeable, ``lambda`` is ``lambda_``)."""
+        by_attr = {(f.section, f.attr): f.key for f in _FLAT.values()}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            k = _normalise(key)
+            if k in _SECTIONS and isinstance(value, dict):
+                for sub, v in value.items():
+                    a = _normalise(sub)
+                    if (k, a) not in by_attr:
+                        raise ConfigError(f"{source}: unknown key {key}.{sub!s}; the {k} section "
+                                          f"has {', '.join(f.name for f in fields(_SECTIONS[k]))}")
+                    values[by_attr[(k, a)]] = v
+            elif k in _FLAT:
+                values[k] = value
+            else:
+                raise ConfigError(f"{source}: unknown key {key!r}; known keys: "
+                                  f"{', '.join(sorted(_FLAT))} (or the sections "
+                                  f"{', '.join(_SECTIONS)})")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from e
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
@@ -111,7 +245,8 @@ class TrainConfig:
             raise bad("dataset", f"choose one of default, {', '.join(DATASETS)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
-        positive = ("lr", "kappa", "nu", "batch_size", "epochs", "lr_gamma", "step_size", "width")
+        positive = ("lr", "kappa", "nu", "batch_size", "epochs", "lr_gamma", "step_size", "width",
+                    "final_lr")
         for f in positive:
             v = getattr(self, f)
             if f == "nu" and v is None:
@@ -170,25 +305,22 @@ class TrainConfig:
         if self.dataset != "default":
             return self, ""
         dataset, note = resolve_default_dataset(self.data_dir)
-        return dataclasses.replace(self, dataset=dataset), note
-
-    def optimizer_config(self) -> OptimizerConfig:
-        from ..core.optimizers import OptimizerConfig
-
-        names = {f.name for f in fields(OptimizerConfig)} - {"name"}
-        return OptimizerConfig(name=self.optimizer,
-                               **{k: getattr(self, k) for k in names if hasattr(self, k)})
+        return self.replace(dataset=dataset), note
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting by its flat key (what ``config.json`` stores)."""
+        return {f.key: _copy(getattr(getattr(self, f.section), f.attr)) for f in _FLAT.values()}
+
+    def to_nested(self) -> dict[str, dict[str, Any]]:
+        """The sections as nested mappings (a config file in this shape loads back)."""
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
         """Hash of the settings that change what the run computes and differ from their
         defaults (a new option leaves every existing name as it is, as open_lth's run ids do);
         an init or mask file counts by its content, not its path (a moved run keeps its name)."""
-        defaults = {f.name: _default_of(f) for f in fields(self)}
         items = {k: v for k, v in self.to_dict().items()
-                 if k not in _NOT_HASHED and v != defaults[k]}
+                 if k not in _NOT_HASHED and v != _FLAT[k].default}
         for k in ("init_from", "mask"):
             if items.get(k) and Path(items[k]).is_file():
                 items[k] = "sha256:" + _file_digest(Path(items[k]))
@@ -196,7 +328,8 @@ class TrainConfig:
 
     def legacy_config_hash(self) -> str:
         """The hash of releases before 0.2 (every field, files by path): finds older folders."""
-        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED
+                 and not (k in _NOT_LEGACY and v == _FLAT[k].default)}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self, legacy: bool = False) -> str:
@@ -224,23 +357,14 @@ class TrainConfig:
                 return legacy
         return current
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a mapping, rejecting unknown keys (``-`` and ``_`` are interchangeable)."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs = {}
-        for key, value in data.items():
-            k = str(key).replace("-", "_")
-            if k == "lambda":
-                k = "lambda_"
-            if k not in known:
-                raise ConfigError(f"{source}: unknown key {key!r}; known keys: "
-                                  f"{', '.join(sorted(known))}")
-            kwargs[k] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise ConfigError(f"{source}: {e}") from e
+
+def _normalise(key: Any) -> str:
+    k = str(key).replace("-", "_")
+    return "lambda_" if k == "lambda" else k
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -303,19 +427,10 @@ def _kind(tp: Any) -> str:
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    hints = typing.get_type_hints(type(cfg))
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if not _fits(value, hints[f.name]):
-            raise ConfigError(f"invalid {f.name}={value!r}: expected {_kind(hints[f.name])}")
-
-
-def _default_of(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
+    for f in _FLAT.values():
+        value = getattr(cfg, f.key)
+        if not _fits(value, f.type):
+            raise ConfigError(f"invalid {f.key}={value!r}: expected {_kind(f.type)}")
 
 
 def _file_digest(path: Path) -> str:

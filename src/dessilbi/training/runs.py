@@ -68,11 +68,11 @@ class Run:
         """
         from .build import build
 
-        cfg = TrainConfig.from_dict(self.cfg.to_dict())
+        cfg = self.cfg
         if device:
-            cfg.device = device
+            cfg = cfg.replace(device=device)
         if data_dir:
-            cfg.data_dir = data_dir
+            cfg = cfg.replace(data_dir=data_dir)
         else:
             log.info("reading %s from %s, the run's stored data folder (--data-dir to change)",
                      cfg.dataset, cfg.data_dir)
