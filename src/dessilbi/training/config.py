@@ -49,7 +49,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
-_NOT_LEGACY = {"final_lr"}
+_NOT_LEGACY = {"final_lr", "target_macs"}
 
 
 class ConfigError(ValueError):
@@ -327,7 +327,8 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
     def legacy_config_hash(self) -> str:
-        """The hash of releases before 0.2 (every field, files by path): finds older folders."""
+        """The hash of releases before 0.2 (every field those releases had, files by path):
+        finds older folders (the run records committed in docs/results carry such names)."""
         items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED
                  and not (k in _NOT_LEGACY and v == _FLAT[k].default)}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
