@@ -158,11 +158,13 @@ def test_reports_say_when_the_paper_published_nothing(tmp_path):
 RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
 
-@pytest.mark.parametrize("table", ["T1", "T2", "T3", "T4", "T5", "T7", "T10"])
-def test_committed_runs_rewrite_their_reports_without_training(tmp_path, table):
+def test_committed_runs_rewrite_their_reports_without_training(tmp_path):
     """The run folders in docs/results were named by earlier releases (a hash of every field
-    that existed then): they must still be found, and give the committed tables."""
-    assert main(["report", table, "--budget", "mnist", "--runs-dir",
+    that existed then): `report all` must still find them and give the committed tables; the
+    tables without an mnist budget (T6, T8, T9) are left out, not an error."""
+    assert main(["report", "all", "--budget", "mnist", "--runs-dir",
                  str(RESULTS / "runs" / "mnist"), "--out", str(tmp_path)]) == 0
-    name = f"{table.lower()}_mnist.csv"
-    assert (tmp_path / name).read_text() == (RESULTS / name).read_text()
+    written = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert written == sorted(f"t{n}_mnist.csv" for n in (1, 2, 3, 4, 5, 7, 10))
+    for name in written:
+        assert (tmp_path / name).read_text() == (RESULTS / name).read_text(), name
