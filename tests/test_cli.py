@@ -167,7 +167,7 @@ def test_bad_flags_are_one_clean_line(tmp_path, capsys, flags, message):
     assert len(err) == 1 and message in err[0], err
 
 
-def test_help_and_parsing_do_not_load_torch():
+def test_help_parsing_and_list_do_not_load_torch():
     import subprocess
     import sys
 
@@ -178,6 +178,8 @@ def test_help_and_parsing_do_not_load_torch():
             "             ['grow', '--tau', '0.5']):\n"
             "    p.parse_args(argv)\n"
             "p.format_help()\n"
+            "from dessilbi.cli.main import main\n"
+            "assert main(['list']) == 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 

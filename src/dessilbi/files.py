@@ -19,12 +19,10 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 __all__ = ["CheckpointError", "load_checkpoint", "load_with_fallback", "save_checkpoint",
            "write_text_atomic"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or not a dessilbi checkpoint."""
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:

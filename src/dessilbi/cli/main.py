@@ -20,8 +20,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    NonFiniteLossError,
+    RunExistsError,
+    RunLockedError,
+)
 from ..tables import format_table
-from ..training.config import ConfigError, flat_fields
+from ..training.config import flat_fields
 from .options import Parser, add_config_arguments, arg_type, config_from_args
 from .structure_args import data_dir_option
 
@@ -212,11 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
-    # imported after parsing: they load torch, which --help and a bad command line never need
-    from ..files import CheckpointError
-    from ..training.engine import NonFiniteLossError, RunExistsError, RunLockedError
-    from ..zoo.data import CorruptDatasetError, DatasetNotFoundError
-
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader went away (`dessilbi list | head`): nothing to report

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..core.optim import DessiLBI
 from ..core.target import SparsityTarget
 from ..core.units import unit_density
+from ..errors import NonFiniteLossError
 from ..files import load_checkpoint, load_with_fallback, save_checkpoint
 from ..sparsity.masks import (
     EntryTracker,
@@ -39,10 +40,6 @@ log = logging.getLogger("dessilbi.training")
 CHECKPOINT = "checkpoint.pt"
 PATH = "path.pt"
 MASKS = "masks.pt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf."""
 
 
 class Target:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..core.optimizer_config import OptimizerConfig
+from ..errors import ConfigError
 
 # The registries (models, datasets, optimizers) import torch; they are read when a
 # configuration is validated or built, not when it is imported, so that the command line can
@@ -50,10 +51,6 @@ _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
 _NOT_LEGACY = {"final_lr", "target_macs"}
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is invalid; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from filelock import FileLock, Timeout
 
 from ..core.optim import DessiLBI
+from ..errors import RunExistsError, RunLockedError
 from ..files import save_checkpoint, write_text_atomic
 from ..sparsity.masks import named_penalties, unwrap
 from . import callbacks as cb
@@ -52,14 +53,6 @@ LOCK = ".lock"
 __all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "default_callbacks",
            "run_lock", "finished_summary", "train"]
 DDP_TIMEOUT_MINUTES = 10  # a collective waiting longer means a rank has stopped
-
-
-class RunExistsError(RuntimeError):
-    """The run folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-class RunLockedError(RuntimeError):
-    """Another process is training in the run folder."""
 
 
 def finished_summary(run_dir: Path, epochs: int) -> dict[str, Any] | None:

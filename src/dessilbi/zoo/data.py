@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import CorruptDatasetError, DatasetNotFoundError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -41,14 +43,6 @@ __all__ = [
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "digits", "synthetic")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are not where we looked."""
-
-
-class CorruptDatasetError(ValueError):
-    """A dataset file exists but is truncated or malformed."""
 
 
 @dataclass(frozen=True)
