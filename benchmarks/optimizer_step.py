@@ -33,7 +33,8 @@ def prepare(name: str, device: str) -> tuple[torch.nn.Module, dict[str, Callable
         p.grad = torch.randn_like(p) * 1e-2
     opts: dict[str, torch.optim.Optimizer] = {}
     models = {}
-    for impl in ("sgd-foreach", "dessilbi-single", "dessilbi-foreach", "dessilbi-fused"):
+    for impl in ("sgd-foreach", "dessilbi-default", "dessilbi-single", "dessilbi-foreach",
+                 "dessilbi-fused"):
         model = create_model(name, 10, 3, 32).to(device)
         model.load_state_dict(base.state_dict())
         for p, q in zip(model.parameters(), base.parameters()):
@@ -41,8 +42,10 @@ def prepare(name: str, device: str) -> tuple[torch.nn.Module, dict[str, Callable
         if impl == "sgd-foreach":
             opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True)
         else:
+            flags = {"dessilbi-default": {}, "dessilbi-single": {"foreach": False},
+                     "dessilbi-foreach": {"foreach": True}, "dessilbi-fused": {"fused": True}}
             opt = DessiLBI(lbi_param_groups(model), lr=1e-4, nu=100.0, lambda_=1.0,
-                           foreach=impl.endswith("foreach"), fused=impl.endswith("fused"))
+                           **flags[impl])
             opt.step()  # create V and the momentum buffers (and compile the fused path)
             _half_support(opt)
         opts[impl] = opt

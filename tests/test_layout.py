@@ -24,6 +24,7 @@ def test_every_layer_is_a_subpackage():
     layers = {"core", "sparsity", "structure", "zoo", "training", "experiments", "paper", "cli",
               "integrations"}
     assert layers <= {p.name for p in SRC.iterdir() if (p / "__init__.py").exists()}
-    leaves = {"tables", "files", "catalog", "errors"}  # import nothing of the package (import-linter)
+    # leaves import nothing of the package (import-linter)
+    leaves = {"tables", "files", "catalog", "errors"}
     loose = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__", *leaves}
     assert not loose, f"modules outside the layers: {loose}"

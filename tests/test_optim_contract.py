@@ -1,6 +1,7 @@
 """torch's optimizer contract, checked on DessiLBI the way torch checks its own optimizers
-(the generic checks of torch's ``test_optim.py``), over every implementation: the per-tensor
-loop, the multi-tensor (foreach) kernels and the compiled (fused) step."""
+(the generic checks of torch's ``test_optim.py``), over every implementation: the default
+(flat buckets on CPU), the per-tensor loop, the multi-tensor (foreach) kernels and the
+compiled (fused) step."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 from dessilbi import DessiLBI, lbi_param_groups, unwrap_optimizer
 from dessilbi.sparsity import Mask
 
-IMPLEMENTATIONS = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True},
+IMPLEMENTATIONS = {"default": {}, "per-tensor": {"foreach": False}, "foreach": {"foreach": True},
                    "fused": {"fused": True}}
 
 
@@ -97,7 +98,7 @@ def test_every_implementation_agrees_with_the_per_tensor_loop(impl: str) -> None
     train(ref, make_opt(ref, "per-tensor"), range(5))
     opt = make_opt(other, impl)
     train(other, opt, range(5))
-    assert_same(weights(ref), weights(other), exact=impl == "per-tensor")
+    assert_same(weights(ref), weights(other), exact=impl in ("per-tensor", "default"))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -119,13 +120,13 @@ def test_a_late_first_gradient_leaves_the_other_buffers_alone(impl: str) -> None
     train(ref, ref_opt, range(3, 4))
     ref_bufs = [ref_opt.state[q]["momentum_buffer"] for q in ref.parameters()]
     new_bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
-    assert_same(new_bufs, ref_bufs, exact=impl == "per-tensor")
+    assert_same(new_bufs, ref_bufs, exact=impl in ("per-tensor", "default"))
     g = late.grad
     torch.testing.assert_close(opt.state[late]["momentum_buffer"], g)  # b ← g at its start
 
 
 def test_compiled_training_step_with_conv_layers_matches_eager() -> None:
-    for impl in ("per-tensor", "fused"):
+    for impl in ("default", "per-tensor", "fused"):
         eager, compiled = make_model(), make_model()
         opt_e, opt_c = make_opt(eager, impl), make_opt(compiled, impl)
 
@@ -246,9 +247,10 @@ def test_without_momentum_every_stepped_parameter_has_state() -> None:
     assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
 
 
-def test_no_host_synchronisation_inside_step(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("impl", ["default", "per-tensor"])
+def test_no_host_synchronisation_inside_step(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
     model = make_model()
-    opt = make_opt(model, "per-tensor")
+    opt = make_opt(model, impl)
     train(model, opt, range(1))  # state created
     x, y = batch(1)
     opt.zero_grad()

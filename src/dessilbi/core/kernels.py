@@ -24,19 +24,40 @@ def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
 
 
 def _gap(w: Tensor, v: Tensor, penalty: str, kappa: float, lambda_: float,
-         group_norm: str) -> Tensor:
-    """W − Γ = W − κ prox_λ(V) in one kernel after the prox's own (Γ is never materialised)."""
+         group_norm: str, workspace: Tensor | None = None) -> Tensor:
+    """W − Γ = W − κ prox_λ(V) in one kernel after the prox's own (Γ is never materialised),
+    written into ``workspace`` (a flat buffer of at least ``w.numel()`` entries) when given."""
+    out = None
+    if workspace is not None and w.is_contiguous() and workspace.numel() >= w.numel() \
+            and workspace.dtype == w.dtype and workspace.device == w.device:
+        out = workspace[:w.numel()].view(w.shape)
     if penalty == "group":
         scale = group_scale(v, lambda_, 0, group_norm)  # type: ignore[arg-type]
-        return torch.addcmul(w, v, broadcast_to_groups(scale, v, 0), value=-kappa)
-    return torch.add(w, prox(v, penalty, lambda_, group_norm), alpha=-kappa)
+        return torch.addcmul(w, v, broadcast_to_groups(scale, v, 0), value=-kappa, out=out)
+    return torch.add(w, prox(v, penalty, lambda_, group_norm), alpha=-kappa, out=out)
+
+
+def workspace_for(params: list[Tensor], held: dict[tuple[torch.dtype, torch.device], Tensor],
+                  ) -> Tensor | None:
+    """A flat scratch buffer for W − Γ of the largest of ``params`` (one dtype and device),
+    kept in ``held`` between steps: a fresh multi-megabyte tensor per step and tensor costs
+    its page faults (measured: addcmul 0.8 ms on a VGG-16 conv instead of 0.2 ms)."""
+    if not params:
+        return None
+    p0 = params[0]
+    size = max(p.numel() for p in params)
+    key = (p0.dtype, p0.device)
+    buf = held.get(key)
+    if buf is None or buf.numel() < size:
+        buf = held[key] = torch.empty(size, dtype=p0.dtype, device=p0.device)
+    return buf
 
 
 def single_tensor(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
     vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
     lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
-    weight_decay: float,
+    weight_decay: float, workspace: Tensor | None = None,
 ) -> None:
     step = lr * kappa
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -47,6 +68,8 @@ def single_tensor(
             if b is None:
                 b = torch.clone(g).detach()
                 bufs[i] = b
+            elif dampening == 0.0:  # b ← g + m b in one pass (as the flat step)
+                torch.add(g, b, alpha=momentum, out=b)
             else:
                 b.mul_(momentum).add_(g, alpha=1.0 - dampening)
             d = g.add(b, alpha=momentum) if nesterov else b
@@ -56,7 +79,8 @@ def single_tensor(
             v = vs[i]
             assert v is not None
             # diff = W − Γ with the values before this step; it drives both V and W.
-            diff = _gap(w, v, penalty, kappa, lambda_, group_norm)
+            diff = _gap(w, v, penalty, kappa, lambda_, group_norm,
+                        None if torch.compiler.is_compiling() else workspace)
             if torch.compiler.is_compiling():
                 # Inductor (torch 2.14, CPU) generates broken code for several in-place updates
                 # that read a reduction over one of them (group norms of V); one foreach node

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from ._fused import fused_update
-from .kernels import group_by_device_dtype, multi_tensor, single_tensor
+from .kernels import group_by_device_dtype, multi_tensor, single_tensor, workspace_for
 from .penalties import PENALTIES
 
 __all__ = ["dessilbi_update"]
@@ -35,11 +35,13 @@ def dessilbi_update(
     foreach: bool | None = None,
     fused: bool = False,
     compiled_cache: dict[str, Any] | None = None,
+    workspaces: dict[Any, Tensor] | None = None,
 ) -> None:
     """One DessiLBI step on lists of tensors sharing one penalty (updates in place).
 
     ``bufs`` entries that are ``None`` are initialised (b ← g) and written back into the list.
-    ``vs`` must hold V for every tensor when ``penalty`` is not ``"none"``.
+    ``vs`` must hold V for every tensor when ``penalty`` is not ``"none"``. ``workspaces``
+    (kept by the caller between steps) lends the per-tensor loop a scratch buffer for W − Γ.
     """
     if not params:
         return
@@ -71,4 +73,7 @@ def dessilbi_update(
             for i, b in zip(idx, sub_bufs):
                 bufs[i] = b
     else:
-        single_tensor(params, grads, bufs, vs, **hp)
+        workspace = None
+        if workspaces is not None and penalty != "none":
+            workspace = workspace_for(params, workspaces)
+        single_tensor(params, grads, bufs, vs, workspace=workspace, **hp)

@@ -1,0 +1,237 @@
+r"""Flat buckets: the default CPU step as a few large operations instead of a few per tensor.
+
+A DessiLBI step on a model of many small tensors (ResNet-56: 170 tensors, most under 40 000
+entries) is bound by the cost of launching operations, not by memory: the per-tensor loop runs
+about ten operations per tensor, SGD's multi-tensor step three per list. Here the tensors of one
+*bucket* (same parameter group, penalty, dtype, device and row length K) keep V and the
+momentum buffer in one ``(R, K)`` buffer each, one row per filter / neuron (R rows in all); the
+optimizer state holds views into them, so ``state["V"]`` and ``state["momentum_buffer"]`` stay
+per-parameter tensors for every reader. A step gathers the gradients and weights (two
+``torch.cat``), runs the update of :mod:`.optim` on the whole buffer, with the filter norms of V
+as one row reduction, and writes the weights back (one ``torch._foreach_copy_``):
+
+.. math::
+    G &= [g_1; \dots; g_n], \quad W = [w_1; \dots; w_n] \\
+    B &\leftarrow m B + (1 - \text{dampening}) G, \quad
+    D = W - κ \operatorname{prox}_{λ}(V) \\
+    V &\leftarrow V + \frac{α}{ν} D, \quad
+    W \leftarrow W - ακ B - \frac{ακ}{ν} D, \quad w_i \leftarrow W_i
+
+Per-tensor thresholds (``state["lambda_"]``, set by :class:`~dessilbi.core.target.SparsityTarget`)
+become a column of per-row thresholds, fixed masks a mask of the buffer's shape. A bucket is
+rebuilt (the state copied into new buffers) whenever its tensors change: a parameter getting
+its first gradient, ``load_state_dict`` replacing the state, a mask set or lifted.
+
+Only tensors this module knows how to lay out take part (:func:`eligible`); the others, and
+every tensor of a group that asks for ``foreach`` or ``fused``, take the per-tensor or
+multi-tensor path. Large tensors gain nothing (their operations are memory-bound, and the
+gathered copies cost memory passes), so a tensor above :data:`MAX_NUMEL` entries stays out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FlatBucket", "MAX_NUMEL", "bucket_key", "eligible", "flat_step"]
+
+MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
+# outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
+FLAT_PENALTIES = ("group", "lasso", "none")  # the layouts this module knows
+
+
+def eligible(p: Tensor, penalty: str) -> bool:
+    """Whether ``p`` can live in a flat bucket (dense, contiguous, real, not too large)."""
+    return (penalty in FLAT_PENALTIES and p.layout == torch.strided and p.is_contiguous()
+            and p.is_floating_point() and 0 < p.numel() <= MAX_NUMEL)
+
+
+def bucket_key(p: Tensor, penalty: str) -> tuple[str, int, torch.dtype, torch.device]:
+    """(penalty, row length K, dtype, device): a bucket's tensors are viewed as (rows, K).
+
+    Penalised tensors keep one row per filter / neuron (their unit); unpenalised ones are one
+    long row of K = 1 entries each, so that all of them share one bucket.
+    """
+    k = 1 if penalty == "none" or p.ndim == 0 else p.numel() // p.shape[0]
+    return penalty, k, p.dtype, p.device
+
+
+class FlatBucket:
+    """V and the momentum buffer of a bucket's tensors in one ``(R, K)`` buffer each, with the
+    gather buffers of the step; the optimizer state holds views into them."""
+
+    def __init__(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
+                 penalty: str, k: int) -> None:
+        p0 = params[0]
+        self.params = list(params)
+        self.penalty, self.k = penalty, k
+        self.rows = [p.numel() // k for p in params]
+        n_rows = sum(self.rows)
+        like = dict(dtype=p0.dtype, device=p0.device)
+        self.grads = torch.empty(n_rows, k, **like)
+        self.weights = torch.empty(n_rows, k, **like)
+        self.gap: Tensor | None = None  # W − Γ: the gradient buffer's memory where it is free
+        self.v = self._adopt(states, "V") if penalty != "none" else None
+        self.buf = self._adopt(states, "momentum_buffer")
+        self.v_views = self._views(self.v)
+        self.buf_views = self._views(self.buf)
+        self.grad_views = self._views(self.grads)
+        self.weight_views = self._views(self.weights)
+        self.pointers = [p.data_ptr() for p in params]
+        # what the state's momentum buffers are since the first step: "views" / "none"
+        self.published = ""
+        # a tensor whose buffer was not in the state starts it this step (b ← g)
+        self.starting = [st.get("momentum_buffer") is None for st in states]
+        for st, view in zip(states, self.v_views):
+            if view is not None:
+                st["V"] = view
+        self._mask_key: tuple[int, ...] | None = None
+        self.mask: Tensor | None = None
+        self._lambda_key: tuple[float, ...] | None = None
+        self.lambdas: Tensor | float = 0.0
+
+    def _adopt(self, states: Sequence[dict[str, Any]], key: str) -> Tensor:
+        """A zero buffer holding the state's existing tensors under ``key``, row by row."""
+        out = torch.zeros(sum(self.rows), self.k, dtype=self.params[0].dtype,
+                          device=self.params[0].device)
+        for rows, st in zip(self._slices(out), states):
+            held = st.get(key)
+            if held is not None:
+                rows.copy_(held.reshape(rows.shape))
+        return out
+
+    def _slices(self, flat: Tensor) -> list[Tensor]:
+        return list(flat.split(self.rows))
+
+    def _views(self, flat: Tensor | None) -> list[Tensor | None]:
+        if flat is None:
+            return [None] * len(self.params)
+        return [rows.view(p.shape) for rows, p in zip(self._slices(flat), self.params)]
+
+    def holds(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
+              use_momentum: bool) -> bool:
+        """Whether this bucket still is the state of exactly ``params`` (same tensors, same
+        order, the state's V and momentum buffers still views into its buffers)."""
+        if len(params) != len(self.params):
+            return False
+        for i, (p, st) in enumerate(zip(params, states)):
+            if p is not self.params[i] or p.data_ptr() != self.pointers[i]:
+                return False
+            if self.v is not None and st.get("V") is not self.v_views[i]:
+                return False
+            b = st.get("momentum_buffer")
+            if use_momentum and b is not self.buf_views[i] and not (b is None
+                                                                    and self.starting[i]):
+                return False
+        return True
+
+    def gap_buffer(self) -> Tensor:
+        """A buffer for W − Γ when the gradient buffer is still in use (Nesterov, or no
+        momentum: the step direction is the gradient itself)."""
+        if self.gap is None:
+            self.gap = torch.empty_like(self.weights)
+        return self.gap
+
+    # ----------------------------------------------------------------- per-step inputs
+    def mask_of(self, masks: Sequence[Tensor | None]) -> Tensor | None:
+        """The fixed masks as one ``(R, K)`` buffer (kept while the same masks are set)."""
+        key = tuple(id(m) for m in masks)
+        if key != self._mask_key:
+            self._mask_key = key
+            self.mask = None
+            if any(m is not None for m in masks):
+                self.mask = torch.cat([
+                    (torch.ones((), dtype=torch.bool, device=p.device) if m is None else m)
+                    .expand(p.shape).reshape(-1, self.k) for p, m in zip(self.params, masks)
+                ]).to(self.weights.dtype)
+        return self.mask
+
+    def lambdas_of(self, values: Sequence[float]) -> Tensor | float:
+        """One threshold, or a column of per-row thresholds when the tensors have their own."""
+        key = tuple(float(v) for v in values)
+        if key != self._lambda_key:
+            self._lambda_key = key
+            if len(set(key)) == 1:
+                self.lambdas = key[0]
+            else:
+                per_tensor = torch.tensor(key, dtype=self.weights.dtype,
+                                          device=self.weights.device)
+                counts = torch.tensor(self.rows, device=self.weights.device)
+                self.lambdas = per_tensor.repeat_interleave(counts).unsqueeze(1)
+        return self.lambdas
+
+
+def flat_step(bucket: FlatBucket, grads: Sequence[Tensor], states: Sequence[dict[str, Any]],
+              masks: Sequence[Tensor | None], lambdas: Sequence[float], *, lr: float,
+              kappa: float, nu: float, group_norm: str, momentum: float, dampening: float,
+              nesterov: bool, weight_decay: float, maximize: bool) -> None:
+    """One DessiLBI step of every tensor of ``bucket`` (the formula: the module docstring)."""
+    g, w = bucket.grads, bucket.weights
+    torch._foreach_copy_(bucket.grad_views, list(grads))
+    torch._foreach_copy_(bucket.weight_views, bucket.params)
+    if maximize:
+        g.neg_()
+    mask = bucket.mask_of(masks)
+    if mask is not None:
+        g.mul_(mask)
+    if weight_decay != 0.0:
+        g.add_(w, alpha=weight_decay)
+    d = g
+    if momentum != 0.0:
+        if any(bucket.starting):
+            _start_buffers(bucket, g, momentum, dampening)
+        if dampening == 0.0:  # b ← g + m b in one pass
+            torch.add(g, bucket.buf, alpha=momentum, out=bucket.buf)
+        else:
+            bucket.buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+        d = g.add_(bucket.buf, alpha=momentum) if nesterov else bucket.buf
+    step = lr * kappa
+    if bucket.penalty != "none" and nu != math.inf:
+        gap = _gap(bucket, bucket.lambdas_of(lambdas), kappa, group_norm,
+                   out=g if d is not g else bucket.gap_buffer())
+        bucket.v.add_(gap, alpha=lr / nu)
+        w.add_(gap, alpha=-step / nu)
+    w.add_(d, alpha=-step)
+    if mask is not None:
+        w.mul_(mask)
+    torch._foreach_copy_(bucket.params, bucket.weight_views)
+    published = "views" if momentum != 0.0 else "none"
+    if bucket.published != published:  # after the first step, and if momentum is switched
+        for st, view in zip(states, bucket.buf_views):
+            st["momentum_buffer"] = view if momentum != 0.0 else None
+        bucket.published = published
+    bucket.starting = [False] * len(bucket.params)
+
+
+def _start_buffers(bucket: FlatBucket, g: Tensor, momentum: float, dampening: float) -> None:
+    """b ← g on a tensor's first step: m·b + (1 − d)·g gives g when its rows start at
+    d·g / m (zero without dampening). ``g`` is the gathered gradient (sign, mask and weight
+    decay applied, as the per-tensor step's b ← g)."""
+    for i, rows in enumerate(g.split(bucket.rows)):
+        if bucket.starting[i]:
+            start = bucket.buf.split(bucket.rows)[i]  # type: ignore[union-attr]
+            if dampening == 0.0:
+                start.zero_()
+            else:
+                start.copy_(rows).mul_(dampening / momentum)
+
+
+def _gap(bucket: FlatBucket, lam: Tensor | float, kappa: float, group_norm: str,
+         out: Tensor) -> Tensor:
+    """D = W − κ prox_λ(V) into ``out`` (Γ is never materialised)."""
+    v, w = bucket.v, bucket.weights
+    assert v is not None
+    if bucket.penalty == "group":
+        norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        if group_norm == "rms":
+            norms = norms / math.sqrt(bucket.k)
+        tiny = torch.finfo(norms.dtype).tiny
+        scale = (norms - lam).clamp_min_(0.0).div_(norms.clamp_min(tiny)).mul_(kappa)
+        return torch.addcmul(w, v, scale, value=-1.0, out=out)
+    # lasso: W − κ (V − clamp(V, −λ, λ)) = W + κ (clamp(V, −λ, λ) − V)
+    torch.clamp(v, min=-lam, max=lam, out=out)
+    return out.sub_(v).mul_(kappa).add_(w)

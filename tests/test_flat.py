@@ -1,0 +1,115 @@
+"""The flat-bucket step (core/flat.py), the default on CPU: the same numbers as the per-tensor
+loop, bit for bit, whatever changes between steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi.core import flat
+
+VARIANTS = [{}, {"nesterov": True}, {"momentum": 0.0}, {"dampening": 0.3},
+            {"weight_decay": 1e-3}, {"maximize": True}, {"group_norm": "rms"},
+            {"nu": float("inf")}, {"penalty": "lasso"}]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def make_opt(model: nn.Module, variant: dict, **impl) -> DessiLBI:
+    kw = {"lr": 0.1, "nu": 2.0, "lambda_": 0.05, **variant, **impl}
+    if kw.get("penalty") == "lasso":
+        return DessiLBI(list(model.parameters()), **kw)
+    return DessiLBI(lbi_param_groups(model), **kw)
+
+
+def train(model: nn.Module, opt: DessiLBI, steps: int, events: bool = True) -> None:
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if events and i == 2:  # what SparsityTarget does: a threshold and a mask per tensor
+            first, second = opt.penalised_params()[:2]
+            opt.state[first]["lambda_"] = 0.2
+            opt.set_mask(second, torch.rand(second.shape, generator=g) > 0.3)
+        if events and i == 4:
+            opt.set_mask(second, None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) or "defaults" for v in VARIANTS])
+def test_the_flat_step_is_the_per_tensor_loop_bit_for_bit(variant: dict) -> None:
+    ref, new = make_model(), make_model()
+    ref_opt, new_opt = make_opt(ref, variant, foreach=False), make_opt(new, variant)
+    train(ref, ref_opt, 7)
+    train(new, new_opt, 7)
+    assert new_opt.__dict__.get("_flat"), "the default did not take the flat step"
+    for p, q in zip(ref.parameters(), new.parameters()):
+        assert torch.equal(p, q)
+        for key, held in ref_opt.state[p].items():
+            other = new_opt.state[q][key]
+            assert torch.equal(held, other) if isinstance(held, torch.Tensor) else held == other
+
+
+def test_the_state_is_views_into_the_buckets_and_survives_a_reload() -> None:
+    model = make_model()
+    opt = make_opt(model, {})
+    train(model, opt, 3, events=False)
+    conv = model[0].weight
+    buckets = [b for b in opt.__dict__["_flat"].values() if isinstance(b, flat.FlatBucket)]
+    owner = next(b for b in buckets if any(p is conv for p in b.params))
+    assert opt.state[conv]["V"].untyped_storage().data_ptr() == \
+        owner.v.untyped_storage().data_ptr()
+    # a state loaded from elsewhere is copied into new buckets, then stepped as before
+    twin_model = make_model()
+    twin_model.load_state_dict(model.state_dict())
+    twin = make_opt(twin_model, {})
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no aliasing
+    train(model, opt, 2, events=False)
+    train(twin_model, twin, 2, events=False)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_parameter_given_new_storage_is_followed() -> None:
+    model = make_model()
+    opt = make_opt(model, {})
+    train(model, opt, 2, events=False)
+    w = model[0].weight
+    w.data = w.data.clone()  # what model.to() / .half() and friends do
+    before = w.detach().clone()
+    train(model, opt, 1, events=False)
+    assert not torch.equal(w, before)  # the step wrote into the new storage
+
+
+def test_large_and_channels_last_tensors_take_the_per_tensor_step() -> None:
+    big = torch.zeros(flat.MAX_NUMEL + 1)
+    conv = torch.zeros(4, 3, 3, 3).to(memory_format=torch.channels_last)
+    assert not flat.eligible(big, "none")
+    assert not flat.eligible(conv, "group")
+    assert flat.eligible(torch.zeros(4, 3, 3, 3), "group")
+    model = make_model().to(memory_format=torch.channels_last)
+    ref = make_model().to(memory_format=torch.channels_last)
+    opt, ref_opt = make_opt(model, {}), make_opt(ref, {}, foreach=False)
+    train(model, opt, 3)
+    train(ref, ref_opt, 3)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_gradient_buffer_holds_w_minus_gamma_unless_it_is_the_step_direction() -> None:
+    for variant, separate in (({}, False), ({"nesterov": True}, True), ({"momentum": 0.0}, True)):
+        model = make_model()
+        opt = make_opt(model, variant)
+        train(model, opt, 2, events=False)
+        buckets = [b for b in opt.__dict__["_flat"].values()
+                   if isinstance(b, flat.FlatBucket) and b.penalty != "none"]
+        assert buckets and all((b.gap is not None) == separate for b in buckets), variant
