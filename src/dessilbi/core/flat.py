@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FlatBucket", "MAX_NUMEL", "bucket_key", "eligible", "flat_step"]
+__all__ = ["FlatBucket", "MAX_NUMEL", "bucket_key", "eligible", "flat_step", "gather",
+           "group_shrink", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
@@ -166,10 +167,36 @@ class FlatBucket:
 
 
 def flat_step(bucket: FlatBucket, grads: Sequence[Tensor], states: Sequence[dict[str, Any]],
-              masks: Sequence[Tensor | None], lambdas: Sequence[float], *, lr: float,
+              masks: Sequence[Tensor | None], lam: Tensor | float, *, lr: float,
               kappa: float, nu: float, group_norm: str, momentum: float, dampening: float,
               nesterov: bool, weight_decay: float, maximize: bool) -> None:
-    """One DessiLBI step of every tensor of ``bucket`` (the formula: the module docstring)."""
+    """One DessiLBI step of every tensor of ``bucket`` (the formula: the module docstring);
+    ``lam`` is the threshold, or a column of per-row ones (:meth:`FlatBucket.lambdas_of`)."""
+    mask = gather(bucket, grads, masks, momentum=momentum, dampening=dampening,
+                  weight_decay=weight_decay, maximize=maximize)
+    g, w = bucket.grads, bucket.weights
+    d = g
+    if momentum != 0.0:
+        if dampening == 0.0:  # b ← g + m b in one pass
+            torch.add(g, bucket.buf, alpha=momentum, out=bucket.buf)
+        else:
+            bucket.buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+        d = g.add_(bucket.buf, alpha=momentum) if nesterov else bucket.buf
+    step = lr * kappa
+    if bucket.penalty != "none" and nu != math.inf:
+        gap = _gap(bucket, lam, kappa, group_norm,
+                   out=g if d is not g else bucket.gap_buffer())
+        bucket.v.add_(gap, alpha=lr / nu)  # type: ignore[union-attr]
+        w.add_(gap, alpha=-step / nu)
+    w.add_(d, alpha=-step)
+    write_back(bucket, states, mask, momentum)
+
+
+def gather(bucket: FlatBucket, grads: Sequence[Tensor], masks: Sequence[Tensor | None], *,
+           momentum: float, dampening: float, weight_decay: float,
+           maximize: bool) -> Tensor | None:
+    """Copy the gradients and weights into the bucket, with sign, mask and weight decay
+    applied to the gradient and the first-step momentum rows prepared; returns the mask."""
     g, w = bucket.grads, bucket.weights
     torch._foreach_copy_(bucket.grad_views, list(grads))
     torch._foreach_copy_(bucket.weight_views, bucket.params)
@@ -180,24 +207,17 @@ def flat_step(bucket: FlatBucket, grads: Sequence[Tensor], states: Sequence[dict
         g.mul_(mask)
     if weight_decay != 0.0:
         g.add_(w, alpha=weight_decay)
-    d = g
-    if momentum != 0.0:
-        if any(bucket.starting):
-            _start_buffers(bucket, g, momentum, dampening)
-        if dampening == 0.0:  # b ← g + m b in one pass
-            torch.add(g, bucket.buf, alpha=momentum, out=bucket.buf)
-        else:
-            bucket.buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
-        d = g.add_(bucket.buf, alpha=momentum) if nesterov else bucket.buf
-    step = lr * kappa
-    if bucket.penalty != "none" and nu != math.inf:
-        gap = _gap(bucket, bucket.lambdas_of(lambdas), kappa, group_norm,
-                   out=g if d is not g else bucket.gap_buffer())
-        bucket.v.add_(gap, alpha=lr / nu)
-        w.add_(gap, alpha=-step / nu)
-    w.add_(d, alpha=-step)
+    if momentum != 0.0 and any(bucket.starting):
+        _start_buffers(bucket, g, momentum, dampening)
+    return mask
+
+
+def write_back(bucket: FlatBucket, states: Sequence[dict[str, Any]], mask: Tensor | None,
+               momentum: float) -> None:
+    """Copy the updated weights into the parameters (masked entries kept at zero) and, after
+    a bucket's first step, put its momentum rows into the optimizer state."""
     if mask is not None:
-        w.mul_(mask)
+        bucket.weights.mul_(mask)
     torch._foreach_copy_(bucket.params, bucket.weight_views)
     published = "views" if momentum != 0.0 else "none"
     if bucket.published != published:  # after the first step, and if momentum is switched
@@ -220,18 +240,23 @@ def _start_buffers(bucket: FlatBucket, g: Tensor, momentum: float, dampening: fl
                 start.copy_(rows).mul_(dampening / momentum)
 
 
+def group_shrink(v: Tensor, lam: Tensor | float, kappa: float, group_norm: str) -> Tensor:
+    """κ · max(0, 1 − λ / ‖V_r‖) of every row r of ``v``, as a column (the group prox of V is
+    this column times V)."""
+    norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    if group_norm == "rms":
+        norms = norms / math.sqrt(v.shape[1])
+    tiny = torch.finfo(norms.dtype).tiny
+    return (norms - lam).clamp_min_(0.0).div_(norms.clamp_min(tiny)).mul_(kappa)
+
+
 def _gap(bucket: FlatBucket, lam: Tensor | float, kappa: float, group_norm: str,
          out: Tensor) -> Tensor:
     """D = W − κ prox_λ(V) into ``out`` (Γ is never materialised)."""
     v, w = bucket.v, bucket.weights
     assert v is not None
     if bucket.penalty == "group":
-        norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-        if group_norm == "rms":
-            norms = norms / math.sqrt(bucket.k)
-        tiny = torch.finfo(norms.dtype).tiny
-        scale = (norms - lam).clamp_min_(0.0).div_(norms.clamp_min(tiny)).mul_(kappa)
-        return torch.addcmul(w, v, scale, value=-1.0, out=out)
+        return torch.addcmul(w, v, group_shrink(v, lam, kappa, group_norm), value=-1.0, out=out)
     # lasso: W − κ (V − clamp(V, −λ, λ)) = W + κ (clamp(V, −λ, λ) − V)
     torch.clamp(v, min=-lam, max=lam, out=out)
     return out.sub_(v).mul_(kappa).add_(w)

@@ -355,7 +355,7 @@ class DessiLBI(Optimizer):
         lr = group["lr"]
         flat_step(bucket, [p.grad for p in params], states,  # type: ignore[misc]
                   [st.get("mask") for st in states],
-                  [st.get("lambda_", group["lambda_"]) for st in states],
+                  bucket.lambdas_of([st.get("lambda_", group["lambda_"]) for st in states]),
                   lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"],
                   nu=group["nu"], group_norm=group["group_norm"], momentum=group["momentum"],
                   dampening=group["dampening"], nesterov=group["nesterov"],
