@@ -68,6 +68,17 @@ def _half_support(opt: DessiLBI) -> None:
             v.copy_(torch.where(torch.rand_like(v) < 0.5, 2.0, 0.5) * torch.sign(v))
 
 
+def working_bytes(opt: torch.optim.Optimizer) -> int:
+    """Scratch memory kept between steps: the flat buckets' gather buffers and the per-tensor
+    loop's W − Γ buffer (V and the momentum buffer are the state)."""
+    from dessilbi.core.flat import FlatBucket
+
+    held = [t for b in opt.__dict__.get("_flat", {}).values() if isinstance(b, FlatBucket)
+            for t in (b.grads, b.weights, b.gap) if t is not None]
+    held += list(opt.__dict__.get("_workspaces", {}).values())
+    return sum(t.numel() * t.element_size() for t in held)
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                if isinstance(t, torch.Tensor))
@@ -75,7 +86,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def run(names: list[str], reps: int, device: str) -> str:
     rows = ["| model | params | optimizer | median step (ms) | ratio vs SGD-foreach | "
-            "state / param bytes | Γ filter density |", "|---|---|---|---|---|---|---|"]
+            "state / param bytes | scratch / param bytes | Γ filter density |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in names:
         base, opts = prepare(name, device)
         n_params = sum(p.numel() for p in base.parameters())
@@ -101,7 +113,8 @@ def run(names: list[str], reps: int, device: str) -> str:
                 density = f"{kept / sum(p.shape[0] for p in convs):.2f}"
             rows.append(
                 f"| {name} | {n_params:,} | {impl} | {med * 1e3:.3f} | {med / sgd:.2f} | "
-                f"{state_bytes(opt) / param_bytes:.2f} | {density} |"
+                f"{state_bytes(opt) / param_bytes:.2f} | "
+                f"{working_bytes(opt) / param_bytes:.2f} | {density} |"
             )
     return "\n".join(rows)
 

@@ -159,10 +159,16 @@ class DessiLBI(Optimizer):
         nesterov: Nesterov momentum (default False).
         weight_decay: L2 penalty added to the gradient (default 0).
         maximize: maximise the objective (the step uses −g), as in ``torch.optim``.
-        foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it
-            when all tensors are on CUDA, as ``torch.optim`` does.
-        fused: run the update as a ``torch.compile``-d kernel that reads every tensor once
-            (the fastest path for long runs; the first step pays the compilation).
+        foreach: ``True``: the multi-tensor (``torch._foreach_*``) kernels; ``False``: the
+            per-tensor loop; ``None`` (default): on CUDA the multi-tensor kernels, as
+            ``torch.optim`` does, elsewhere flat buckets (:mod:`dessilbi.core.flat`: the
+            state of tensors up to 65,536 entries in one buffer per bucket, updated by a few
+            large operations; bit-identical to the per-tensor loop) and the per-tensor loop
+            for larger tensors.
+        fused: run the update of the tensors too large for a bucket as a
+            ``torch.compile``-d kernel that reads every tensor once (the fastest path for
+            large layers; the first step pays the compilation, falling back to eager with a
+            warning where compilation fails).
         total_steps: the number of optimizer steps the run will take; when ``nu`` is not given
             it sets ν so that the path completes within the run (a 3-epoch run needs a ν ~15×
             smaller than a 40-epoch one).
