@@ -145,8 +145,8 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     from ..experiments.lottery import lottery
 
     run = open_run(getattr(args, "from"))
-    if not (run.dir / "init.pt").exists():
-        raise ValueError(f"{run.dir} has no init.pt to rewind to")
+    if not run.files.init.exists():
+        raise ValueError(f"{run.dir} has no {run.files.INIT} to rewind to")
     base = _ticket_config(run, args)
     result = lottery(run.dir, run.mask(args.epoch), args.epoch, base, seed=args.seed or 0,
                      imp_rounds=args.imp_rounds)
@@ -170,7 +170,7 @@ def cmd_imp(args: argparse.Namespace) -> int:
 
     run = open_run(getattr(args, "from"))
     base = _ticket_config(run, args)
-    names = list(run.support_file()["masks"]) if (run.dir / "masks.pt").exists() else [
+    names = list(run.support_file()["masks"]) if run.files.masks.exists() else [
         n for n, p in run.checkpoint()["model"].items() if p.ndim >= 2]
     folder = branch_dir(run.dir, "imp", base, density=args.density, rounds=args.rounds)
     mask, s = imp(base, names, args.density, args.rounds, folder)

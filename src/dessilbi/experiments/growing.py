@@ -27,6 +27,7 @@ from ..structure.grow import (
     transfer_state,
 )
 from ..training.config import TrainConfig
+from ..training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,6 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None, *, resume: bo
     stage and the fine-tuning, uninterrupted by growing. ``resume`` continues from the
     checkpoint (bit for bit on CPU) and reads a finished run back.
     """
-    from ..training.callbacks import CHECKPOINT
     from ..training.engine import RunExistsError, run_lock
 
     gcfg.validate()
@@ -124,14 +124,16 @@ def grow(cfg: TrainConfig, gcfg: GrowConfig, progress: Any = None, *, resume: bo
     if resume and finished:  # read back, never trained again
         stages = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
         return {"run": str(run_dir), "stages": stages}
-    if (finished or (run_dir / CHECKPOINT).exists()) and not (resume or overwrite):
+    checkpoint = RunDir(run_dir).checkpoint
+    if (finished or checkpoint.exists()) and not (resume or overwrite):
         raise RunExistsError(f"growing run {run_dir} exists; pass --resume to continue it or "
                              "--overwrite to start again")
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         if overwrite and not resume:
-            for f in (GROWN_FILE, CHECKPOINT, CHECKPOINT + ".prev", log_path.name):
-                (run_dir / f).unlink(missing_ok=True)
+            for path in (run_dir / GROWN_FILE, checkpoint,
+                         checkpoint.with_name(checkpoint.name + ".prev"), log_path):
+                path.unlink(missing_ok=True)
         return _grow(cfg, gcfg, run_dir, progress, resume)
 
 
@@ -139,7 +141,7 @@ def _grow(cfg: TrainConfig, gcfg: GrowConfig, run_dir: Path, progress: Any,
           resume: bool) -> dict[str, Any]:
     from ..files import save_checkpoint
     from ..training.build import Dist, build, model_spec
-    from ..training.callbacks import CHECKPOINT, Checkpointer, NonFiniteGuard
+    from ..training.callbacks import Checkpointer, NonFiniteGuard
     from ..training.engine import amp_dtype, grad_scaler
     from ..training.loop import Loop, fit
 
@@ -149,7 +151,7 @@ def _grow(cfg: TrainConfig, gcfg: GrowConfig, run_dir: Path, progress: Any,
     loop = Loop(cfg, b, model, grad_scaler(cfg, b), amp_dtype(cfg, b), Dist(), run_dir)
     growth = _Growth(model, example, cfg.seed)
     checkpointer = Checkpointer([growth])
-    callbacks = [NonFiniteGuard(cfg.log_every, run_dir / CHECKPOINT), _Report(progress),
+    callbacks = [NonFiniteGuard(cfg.log_every, loop.files.checkpoint), _Report(progress),
                  checkpointer]
     if resume:
         _restore(cfg, loop, growth, checkpointer)

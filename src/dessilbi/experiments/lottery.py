@@ -21,6 +21,7 @@ import torch
 from ..files import load_checkpoint
 from ..sparsity.masks import Mask
 from ..training.config import TrainConfig
+from ..training.rundir import RunDir
 from ..training.runs import read_metrics
 
 __all__ = ["LotteryResult", "best_and_final", "branch_dir", "imp", "lottery", "retrain",
@@ -33,7 +34,7 @@ def ticket_config(source: TrainConfig, source_dir: Path, **changes: Any) -> Trai
     """The retraining configuration: the source run's, rewound to its ``init.pt``, with
     ``changes`` (optimizer, lr, epochs, schedule, seed, …; ``None`` values keep the source's)."""
     d = source.to_dict()
-    d.update(init_from=str(source_dir / "init.pt"), mask="", name="", fused=False,
+    d.update(init_from=str(RunDir(source_dir).init), mask="", name="", fused=False,
              target_density=None, target_macs=None)
     d.update({k: v for k, v in changes.items() if v is not None})
     return TrainConfig.from_dict(d)
@@ -74,7 +75,7 @@ def imp(base: TrainConfig, names: list[str], target: float, rounds: int, folder:
     current = Mask({n: torch.ones(shapes[n], dtype=torch.bool) for n in names})
     summary = retrain(base, f"{prefix}_r0", None, folder)
     for r in range(1, rounds + 1):
-        trained = load_checkpoint(Path(summary["run"]) / "checkpoint.pt")["model"]
+        trained = load_checkpoint(RunDir(Path(summary["run"])).checkpoint)["model"]
         current = Mask({n: _keep_largest(trained[n], current.masks[n], keep) for n in names})
         summary = retrain(base, f"{prefix}_r{r}", current, folder)
     return current, summary

@@ -114,8 +114,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
         figures["accuracy_density"] = training_figure(run.metrics)
         if run.metrics[-1].get("layers"):
             figures["layer_density"] = layer_density_figure(run.metrics[-1]["layers"])
-    if (run.dir / "path.pt").exists() and (run.dir / "masks.pt").exists():
-        path = load_checkpoint(run.dir / "path.pt")
+    if run.files.solution_path.exists() and run.files.masks.exists():
+        path = load_checkpoint(run.files.solution_path)
         if path["epochs"]:
             figures["solution_path"] = solution_path_figure(path, run.support_file()["entry"])
     written = []
@@ -127,7 +127,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     if tensorboard and figures:
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(run.dir / "tb")) as w:
+        with SummaryWriter(str(run.files.tensorboard)) as w:
             last = run.metrics[-1]["epoch"] if run.metrics else 0
             for name, fig in figures.items():
                 w.add_figure(name, fig, global_step=last)

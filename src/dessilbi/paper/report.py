@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..training.config import TrainConfig
+from ..training.rundir import RunDir
 from ..training.runs import read_metrics
 from .reproduce import TableSpec, budget_name, expand_runs, lottery_file
 
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- reports
 def _diverged(cfg: TrainConfig) -> bool:
-    p = cfg.run_dir() / "summary.json"
-    return p.exists() and "diverged" in json.loads(p.read_text())
+    summary = RunDir(cfg.run_dir()).read_summary()
+    return summary is not None and "diverged" in summary
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -80,7 +81,7 @@ def report_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
     keys = list((b.get("grid") or {}).keys())
     header, rows, extra = _build_rows(spec, b, cfgs, keys, runs_dir)
     found = bool(rows) if spec.kind in ("lottery", "cost") else any(
-        (c.run_dir() / "metrics.jsonl").exists() or _diverged(c) for c in cfgs)
+        RunDir(c.run_dir()).metrics.exists() or _diverged(c) for c in cfgs)
     if not found:
         log.warning("%s (%s): no results under %s; nothing written", spec.table, budget, runs_dir)
         return []
@@ -91,8 +92,8 @@ def report_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([header] + rows)
     csv_path.write_text(buf.getvalue())
-    walls = [json.loads((c.run_dir() / "summary.json").read_text()).get("wall_time_s")
-             for c in cfgs if (c.run_dir() / "summary.json").exists()]
+    summaries = [RunDir(c.run_dir()).read_summary() for c in cfgs]
+    walls = [s.get("wall_time_s") for s in summaries if s is not None]
     wall = sum(w for w in walls if w)
     first = cfgs[0]
     lines = [

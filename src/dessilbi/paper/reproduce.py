@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.config import ConfigError, TrainConfig, load_config_file
+from ..training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,10 @@ def run_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
         _run_cost(spec, b, runs_dir, overrides)
         return summaries
     for cfg in expand_runs(spec, budget, runs_dir, overrides):
-        done = cfg.run_dir() / "summary.json"
-        if done.exists():
-            summaries.append(json.loads(done.read_text()))
+        files = RunDir(cfg.run_dir())
+        done = files.read_summary()
+        if done is not None:
+            summaries.append(done)
             continue
         t0 = time.perf_counter()
         try:
@@ -150,7 +152,9 @@ def run_table(spec: TableSpec, budget: str, runs_dir: str = "runs/paper",
             s = {"run": str(cfg.run_dir()), "config": cfg.to_dict(), "final": {},
                  "diverged": str(e)}
         s["wall_time_s"] = time.perf_counter() - t0
-        (cfg.run_dir() / "summary.json").write_text(json.dumps(s, indent=2))
+        from ..files import write_text_atomic
+
+        write_text_atomic(files.summary, json.dumps(s, indent=2))
         summaries.append(s)
     if spec.kind == "lottery":
         _run_lottery(spec, b, runs_dir, overrides)

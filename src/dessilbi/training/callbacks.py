@@ -33,13 +33,9 @@ from ..structure.prune import prune_model
 from .batches import evaluate
 from .checkpoint import rng_state, set_rng_state
 from .loop import Loop
-from .runs import METRICS, read_metrics
 
 log = logging.getLogger("dessilbi.training")
 
-CHECKPOINT = "checkpoint.pt"
-PATH = "path.pt"
-MASKS = "masks.pt"
 
 
 class Target:
@@ -125,7 +121,7 @@ class SparseMetrics:
             save_checkpoint({"masks": {k: v.cpu() for k, v in masks.items()},
                              "penalties": self.penalties, "entry": dict(self.entry.entry),
                              "history": self.entry.state_dict(), "epoch": loop.cfg.epochs},
-                            loop.run_dir / MASKS)
+                            loop.files.masks)
 
     def state_dict(self) -> dict[str, Any]:
         return self.entry.state_dict()
@@ -141,7 +137,7 @@ class SolutionPath:
         self.lbi, self.every, self.recorder = lbi, every, PathRecorder()
 
     def on_fit_start(self, loop: Loop) -> None:
-        path = loop.run_dir / PATH
+        path = loop.files.solution_path
         if loop.epoch == 0 or not path.exists():
             return
         rec = PathRecorder(load_checkpoint(path))
@@ -156,7 +152,7 @@ class SolutionPath:
         if self.every and loop.epoch % self.every == 0:
             self.recorder.record(loop.epoch, loop.model, self.lbi)
         if loop.dist.main:
-            save_checkpoint(self.recorder.state_dict(), loop.run_dir / PATH)
+            save_checkpoint(self.recorder.state_dict(), loop.files.solution_path)
 
 
 class MetricsFile:
@@ -164,15 +160,15 @@ class MetricsFile:
     resume) and one log line."""
 
     def on_fit_start(self, loop: Loop) -> None:
-        path = loop.run_dir / METRICS
+        path = loop.files.metrics
         if loop.dist.main and path.exists():
-            keep = [m for m in read_metrics(loop.run_dir) if m.get("epoch", 0) <= loop.epoch]
+            keep = [m for m in loop.files.read_metrics() if m.get("epoch", 0) <= loop.epoch]
             path.write_text("".join(json.dumps(m) + "\n" for m in keep))
 
     def on_epoch_end(self, loop: Loop, m: dict[str, Any]) -> None:
         if not loop.dist.main:
             return
-        with open(loop.run_dir / METRICS, "a") as f:
+        with open(loop.files.metrics, "a") as f:
             f.write(json.dumps(m) + "\n")
             f.flush()
         log.info(metrics_line(m))
@@ -198,7 +194,7 @@ class TensorBoard:
     def on_fit_start(self, loop: Loop) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(loop.run_dir / "tb"))
+        self.writer = SummaryWriter(str(loop.files.tensorboard))
 
     def on_epoch_end(self, loop: Loop, m: dict[str, Any]) -> None:
         for k in self.SCALARS:
@@ -269,7 +265,7 @@ class Checkpointer:
         loop.fold()
         self.save(loop)
         log.warning("interrupted: saved %s at epoch %d, batch %d; continue with --resume",
-                    loop.run_dir / CHECKPOINT, loop.epoch, loop.batch)
+                    loop.files.checkpoint, loop.epoch, loop.batch)
 
     def save(self, loop: Loop) -> None:
         if not loop.dist.main:
@@ -282,7 +278,7 @@ class Checkpointer:
             "scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else None,
             "rng": rng_state(), "accum": loop.accum,
             **{cb.state_key: cb.state_dict() for cb in self.stateful},
-        }, loop.run_dir / CHECKPOINT)
+        }, loop.files.checkpoint)
 
     def restore(self, loop: Loop) -> bool:
         """Load the checkpoint into ``loop`` and the stateful callbacks; False when none."""
@@ -295,8 +291,8 @@ class Checkpointer:
     def load(self, loop: Loop) -> dict[str, Any] | None:
         """The run's checkpoint (``.prev`` when ``checkpoint.pt`` is missing or unreadable), or
         None when it has none."""
-        path = loop.run_dir / CHECKPOINT
-        if not path.exists() and not path.with_name(CHECKPOINT + ".prev").exists():
+        path = loop.files.checkpoint
+        if not path.exists() and not path.with_name(path.name + ".prev").exists():
             return None
         ck, source = load_with_fallback(path, map_location=loop.built.device)
         if source != path:

@@ -2,16 +2,8 @@
 
 After every epoch it measures the test accuracy of the Full model (W) and of the Sparse model
 (W ⊙ 1[Γ ≠ 0], restored exactly afterwards), the train loss, lr, overall and per-layer density and
-the epoch at which each filter / weight first entered the support, and writes:
-
-    runs/<name>/config.yaml      the resolved configuration
-    runs/<name>/metrics.jsonl    one JSON line per epoch
-    runs/<name>/tb/              TensorBoard scalars
-    runs/<name>/init.pt          the initial weights (for lottery tickets)
-    runs/<name>/checkpoint.pt    the latest state (+ checkpoint.pt.prev), written atomically
-    runs/<name>/path.pt          ‖Γ_g‖, ‖W_g‖ per filter / neuron over epochs
-    runs/<name>/masks.pt         the final Γ-support masks and entry epochs
-    runs/<name>/summary.json     final accuracies and per-layer density
+the epoch at which each filter / weight first entered the support, and writes them into the run
+folder (``runs/<name>/``: the files are listed in :mod:`.rundir`).
 
 ``train`` builds the run, assembles the callbacks (:mod:`.callbacks`) and runs the loop
 (:mod:`.loop`). ``--resume`` continues bit-for-bit on CPU: model, optimizer (V, momentum),
@@ -36,19 +28,16 @@ import torch.distributed as dist
 from filelock import FileLock, Timeout
 
 from ..core.optim import DessiLBI
-from ..errors import RunExistsError, RunLockedError
+from ..errors import NonFiniteLossError, RunExistsError, RunLockedError
 from ..files import save_checkpoint, write_text_atomic
 from ..sparsity.masks import named_penalties, unwrap
 from . import callbacks as cb
 from .build import Built, Dist, build, fixed_mask
-from .callbacks import CHECKPOINT, NonFiniteLossError
 from .config import TrainConfig
 from .loop import Loop, fit
-from .runs import read_metrics
+from .rundir import RunDir
 
 log = logging.getLogger("dessilbi.training")
-
-LOCK = ".lock"
 
 __all__ = ["NonFiniteLossError", "RunExistsError", "RunLockedError", "default_callbacks",
            "run_lock", "finished_summary", "train"]
@@ -58,12 +47,8 @@ DDP_TIMEOUT_MINUTES = 10  # a collective waiting longer means a rank has stopped
 def finished_summary(run_dir: Path, epochs: int) -> dict[str, Any] | None:
     """The summary of a run that has trained ``epochs`` epochs (or more), or None: absent,
     partial, unreadable, or shorter (resuming it with more epochs extends it)."""
-    path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or not summary.get("final"):
+    summary = RunDir(run_dir).read_summary()
+    if summary is None or not summary.get("final"):
         return None
     done = summary["final"].get("epoch", summary.get("config", {}).get("epochs", 0))
     return summary if isinstance(done, int) and done >= epochs else None
@@ -94,12 +79,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock: one trainer per folder (a second would interleave metrics
     and checkpoints); another process holding it is a :class:`RunLockedError`."""
-    lock = FileLock(run_dir / LOCK, blocking=False)
+    path = RunDir(run_dir).lock
+    lock = FileLock(path, blocking=False)
     try:
         lock.acquire()
     except Timeout as e:
         raise RunLockedError(f"run {run_dir} is being trained by another process (lock "
-                             f"{run_dir / LOCK}); wait for it or choose another --name") from e
+                             f"{path}); wait for it or choose another --name") from e
     try:
         yield
     finally:
@@ -127,10 +113,10 @@ def _train(cfg: TrainConfig, d: Dist, run_dir: Path, resume: bool,
     fit(loop, callbacks)
     # nothing left to train (a crash after the last checkpoint, before summary.json): the
     # final record is the run's last line of metrics
-    last = loop.metrics or next(iter(read_metrics(run_dir)[-1:]), {})
+    last = loop.metrics or next(iter(loop.files.read_metrics()[-1:]), {})
     summary = {**_summary(cfg, b, last, run_dir), "nu": nu}
     if d.main:
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(loop.files.summary, json.dumps(summary, indent=2))
     return summary
 
 
@@ -143,7 +129,7 @@ def default_callbacks(loop: Loop) -> list[Any]:
         out.append(cb.Target(b.target))
     if cfg.mask:
         out.append(cb.FixedMask(fixed_mask(cfg, b.model)))
-    out.append(cb.NonFiniteGuard(cfg.log_every, loop.run_dir / CHECKPOINT))
+    out.append(cb.NonFiniteGuard(cfg.log_every, loop.files.checkpoint))
     if cfg.progress and main and sys.stderr.isatty():
         out.append(cb.ProgressBar(cfg.log_every))
     if lbi is not None:
@@ -159,22 +145,22 @@ def default_callbacks(loop: Loop) -> list[Any]:
 def _prepare_run_dir(cfg: TrainConfig, b: Built, run_dir: Path, resume: bool,
                      overwrite: bool) -> None:
     """Refuse to clobber a run, clear it for ``overwrite``, write the config and init weights."""
-    if (run_dir / "summary.json").exists() and not resume and not overwrite:
+    files = RunDir(run_dir)
+    if files.summary.exists() and not resume and not overwrite:
         raise RunExistsError(f"run {run_dir} already finished; pass --resume to reuse it or "
                              "--overwrite to train it again")
-    if (run_dir / CHECKPOINT).exists() and not resume and not overwrite:
+    if files.checkpoint.exists() and not resume and not overwrite:
         raise RunExistsError(f"run {run_dir} has a checkpoint; pass --resume to continue it or "
                              "--overwrite to start again")
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
-        for f in (cb.METRICS, "summary.json", CHECKPOINT, CHECKPOINT + ".prev", cb.PATH,
-                  cb.MASKS):
-            (run_dir / f).unlink(missing_ok=True)
+        for path in files.results():
+            path.unlink(missing_ok=True)
     import yaml
 
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if not (run_dir / "init.pt").exists():
-        save_checkpoint({"model": unwrap(b.model).state_dict()}, run_dir / "init.pt")
+    write_text_atomic(files.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not files.init.exists():
+        save_checkpoint({"model": unwrap(b.model).state_dict()}, files.init)
 
 
 def amp_dtype(cfg: TrainConfig, b: Built) -> torch.dtype | None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import batches as feed
 from .build import Built, Dist
 from .config import TrainConfig
+from .rundir import RunDir
 
 __all__ = ["Loop", "Sums", "call", "fit"]
 
@@ -78,6 +79,11 @@ class Loop:
     sums: Sums | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     stop_signal: int | None = None  # SIGINT / SIGTERM received; honoured at a step boundary
+
+    @property
+    def files(self) -> RunDir:
+        """The run folder's files."""
+        return RunDir(self.run_dir)
 
     def fold(self) -> None:
         """Move the device sums into ``accum`` (one host sync)."""

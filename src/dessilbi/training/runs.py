@@ -6,7 +6,6 @@ Everything here only reads; nothing retrains.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,28 +16,13 @@ import torch
 from ..files import CheckpointError, load_checkpoint, load_with_fallback
 from ..sparsity.masks import Mask, mask_at
 from .config import TrainConfig
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of ``run_dir/metrics.jsonl`` ([] when absent). A blank or torn line
-    (a crash while it was written) is skipped."""
-    path = run_dir / METRICS
-    if not path.exists():
-        return []
-    records = []
-    # undecodable bytes (a damaged file) make their line unparseable: it is skipped like a torn one
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The per-epoch records of a run folder (:meth:`RunDir.read_metrics`)."""
+    return RunDir(run_dir).read_metrics()
 
 
 __all__ = ["Run", "open_run", "pareto_front", "choose_epoch"]
@@ -53,6 +37,11 @@ class Run:
     cfg: TrainConfig
     metrics: list[dict[str, Any]] = field(default_factory=list)
     loaded: dict[str, Any] | None = field(default=None, repr=False)  # what open_run read
+
+    @property
+    def files(self) -> RunDir:
+        """The run folder's files."""
+        return RunDir(self.dir)
 
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint's contents (read once: open_run has already loaded it)."""
@@ -85,7 +74,7 @@ class Run:
         return b
 
     def support_file(self) -> dict[str, Any]:
-        path = self.dir / "masks.pt"
+        path = self.files.masks
         if not path.exists():
             raise CheckpointError(f"{path} not found: the run has no Γ support (not a finished "
                                   "DessiLBI run?)")
@@ -111,7 +100,7 @@ class Run:
 def open_run(path: str | Path) -> Run:
     """Open a run folder (or the checkpoint file inside one)."""
     path = Path(path)
-    ck_path = path / "checkpoint.pt" if path.is_dir() else path
+    ck_path = RunDir(path).checkpoint if path.is_dir() else path
     run_dir = ck_path.parent
     prev = ck_path.with_name(ck_path.name + ".prev")
     if not ck_path.is_file() and not (path.is_dir() and prev.is_file()):
