@@ -57,6 +57,12 @@ def test_builtin_penalties_by_name():
         get_penalty("ridge")
 
 
+def test_unit_counts_follow_each_penalty_s_unit(input_channels):
+    shape = (4, 3, 2, 2)
+    assert [get_penalty(p).unit_count(shape) for p in ("lasso", "group", "input_channels")] \
+        == [48, 4, 3]
+
+
 def test_a_registered_penalty_trains_aims_and_reports(input_channels):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),

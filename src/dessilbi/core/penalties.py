@@ -44,6 +44,10 @@ class Penalty:
         """One bool per unit, flat: a unit is kept when any of its entries is."""
         return mask.reshape(-1)
 
+    def unit_count(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """How many units a tensor of ``shape`` has (from :meth:`unit_mask`, on no memory)."""
+        return self.unit_mask(torch.empty(shape, dtype=torch.bool, device="meta")).numel()
+
     def unit_shaped(self, units: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """Per-unit bools as a mask broadcastable to ``shape``."""
         return units.reshape(shape)

@@ -264,7 +264,7 @@ class Mask:
             raise ValueError(f"invalid scope={scope!r}: 'layer' or 'global'")
         params = dict(unwrap(model).named_parameters())
         if scope == "global":
-            fake = {n: torch.zeros(_unit_count(params[n], p), dtype=torch.int32)
+            fake = {n: torch.zeros(get_penalty(p).unit_count(params[n].shape), dtype=torch.int32)
                     for n, p in penalties.items()}
             return cls.from_entry_order(model, fake, penalties, density)
         out = {}
@@ -364,10 +364,6 @@ def _check_fits(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> No
 def _check_density(density: float) -> None:
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"invalid density={density!r}: must be in [0, 1]")
-
-
-def _unit_count(w: Tensor, pen: str) -> int:
-    return get_penalty(pen).unit_mask(torch.empty(w.shape, dtype=torch.bool, device="meta")).numel()
 
 
 LAYER_COLUMNS = ["layer", "weights", "non-zero", "density", "filters kept"]
