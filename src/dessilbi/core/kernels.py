@@ -53,43 +53,70 @@ def workspace_for(params: list[Tensor], held: dict[tuple[torch.dtype, torch.devi
     return buf
 
 
+# Entries of a block of rows of a large tensor: its step's six operations then run on data
+# that stays in the 1 MB L2 cache instead of streaming the tensor from memory six times
+# (measured on VGG16-BN's 512×4608 convs: 1.2-1.5× SGD against 1.4-1.9× unblocked).
+ROW_BLOCK = 1 << 18
+_ROW_WISE = ("group", "lasso", "none")  # penalties whose units never span two rows
+
+
 def single_tensor(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
     vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
     lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
     weight_decay: float, workspace: Tensor | None = None,
 ) -> None:
-    step = lr * kappa
+    compiling = torch.compiler.is_compiling()
+    blocked = penalty in _ROW_WISE and not compiling
+    h = dict(penalty=penalty, lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, group_norm=group_norm,
+             momentum=momentum, dampening=dampening, nesterov=nesterov,
+             weight_decay=weight_decay, workspace=None if compiling else workspace)
     for i, (w, g) in enumerate(zip(params, grads)):
-        if weight_decay != 0.0:
-            g = g.add(w, alpha=weight_decay)
-        if momentum != 0.0:
-            b = bufs[i]
-            if b is None:
-                b = torch.clone(g).detach()
-                bufs[i] = b
-            elif dampening == 0.0:  # b ← g + m b in one pass (as the flat step)
-                torch.add(g, b, alpha=momentum, out=b)
-            else:
-                b.mul_(momentum).add_(g, alpha=1.0 - dampening)
-            d = g.add(b, alpha=momentum) if nesterov else b
+        fresh = momentum != 0.0 and bufs[i] is None
+        if fresh:  # b ← g on the tensor's first step (written block by block below)
+            bufs[i] = torch.empty_like(g, memory_format=torch.preserve_format)
+        b, v = bufs[i], vs[i]
+        if not blocked or w.ndim == 0 or w.numel() <= ROW_BLOCK:
+            _step_rows(w, g, b, v, fresh, **h)
+            continue
+        rows = max(1, ROW_BLOCK // w[0].numel())
+        for r in range(0, w.shape[0], rows):
+            block = slice(r, r + rows)
+            _step_rows(w[block], g[block], None if b is None else b[block],
+                       None if v is None else v[block], fresh, **h)
+
+
+def _step_rows(w: Tensor, g: Tensor, b: Tensor | None, v: Tensor | None, fresh: bool, *,
+               penalty: str, lr: float | Tensor, kappa: float, nu: float, lambda_: float,
+               group_norm: str, momentum: float, dampening: float, nesterov: bool,
+               weight_decay: float, workspace: Tensor | None) -> None:
+    """The step of one tensor, or of a block of its rows (``fresh``: b ← g)."""
+    step = lr * kappa
+    if weight_decay != 0.0:
+        g = g.add(w, alpha=weight_decay)
+    d = g
+    if momentum != 0.0:
+        assert b is not None
+        if fresh:
+            b.copy_(g)
+        elif dampening == 0.0:  # b ← g + m b in one pass (as the flat step)
+            torch.add(g, b, alpha=momentum, out=b)
         else:
-            d = g
-        if penalty != "none" and nu != math.inf:
-            v = vs[i]
-            assert v is not None
-            # diff = W − Γ with the values before this step; it drives both V and W.
-            diff = _gap(w, v, penalty, kappa, lambda_, group_norm,
-                        None if torch.compiler.is_compiling() else workspace)
-            if torch.compiler.is_compiling():
-                # Inductor (torch 2.14, CPU) generates broken code for several in-place updates
-                # that read a reduction over one of them (group norms of V); one foreach node
-                # holding the updates of V and W compiles.
-                torch._foreach_add_([v, w], [diff * (lr / nu), (d + diff / nu) * -step])
-                continue
-            v.add_(diff, alpha=lr / nu)
-            w.add_(diff, alpha=-step / nu)
-        w.add_(d, alpha=-step)
+            b.mul_(momentum).add_(g, alpha=1.0 - dampening)
+        d = g.add(b, alpha=momentum) if nesterov else b
+    if penalty != "none" and nu != math.inf:
+        assert v is not None
+        # diff = W − Γ with the values before this step; it drives both V and W.
+        diff = _gap(w, v, penalty, kappa, lambda_, group_norm, workspace)
+        if torch.compiler.is_compiling():
+            # Inductor (torch 2.14, CPU) generates broken code for several in-place updates
+            # that read a reduction over one of them (group norms of V); one foreach node
+            # holding the updates of V and W compiles.
+            torch._foreach_add_([v, w], [diff * (lr / nu), (d + diff / nu) * -step])
+            return
+        v.add_(diff, alpha=lr / nu)
+        w.add_(diff, alpha=-step / nu)
+    w.add_(d, alpha=-step)
 
 
 def multi_tensor(
