@@ -113,7 +113,11 @@ class SparsityTarget:
         min_units: with global allocation, no layer keeps fewer units than this.
         nu: ``"auto"`` derives ν from the budget (``α κ T_s / path_speed``); a number sets it;
             ``None`` keeps the optimizer's ν.
-        path_speed: time constants of the coupling that elapse by the selection step.
+        path_speed: time constants of the coupling that elapse by the selection step
+            (default 1: a coupling that pulls W towards Γ more slowly leaves the network
+            training as SGD would until the support is chosen; Conv-4 on Fashion-MNIST, 30 %
+            of units: 89.22 % at 10 time constants, 90.88 % at 2, 91.36 % at 1, 91.38 %
+            at 0.5; docs/peers.md).
         update_every: steps between threshold updates (default: T_s / 200, at least 1).
         coupled: ``{weight: [tensors indexed by the same output units]}`` (the layer's bias, the
             following normalisation layer's weight and bias) zeroed with their dropped units;
@@ -134,7 +138,7 @@ class SparsityTarget:
         allocation: str = "global",
         min_units: int = 1,
         nu: float | str | None = "auto",
-        path_speed: float = 10.0,
+        path_speed: float = 1.0,
         update_every: int | None = None,
         coupled: Mapping[Tensor, Sequence[Tensor]] | None = None,
     ) -> None:
