@@ -65,6 +65,7 @@ class Setup:
     batch_size: int
     max_batches: int  # 0 = whole epochs
     allocation: str = "global"  # SparsityTarget's ranking of units across layers
+    path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
 
 
 @dataclass
@@ -166,6 +167,7 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
     ctl = SparsityTarget(opt, None if macs is not None else target,
                          setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
+                         path_speed=setup.path_speed,
                          coupled=coupled_parameters(model, example))
     seconds = train(setup, data, model, opt, after_step=ctl.step)
     pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
@@ -284,6 +286,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-batches", type=int, default=0)
     ap.add_argument("--allocation", default="global", choices=ALLOCATIONS)
+    ap.add_argument("--path-speed", type=float, default=1.0,
+                    help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -291,7 +295,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
-                      args.batch_size, args.max_batches, args.allocation)
+                      args.batch_size, args.max_batches, args.allocation, args.path_speed)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())
