@@ -26,6 +26,15 @@ from typing import Any, ClassVar
 __all__ = ["RunDir"]
 
 
+def _file(name: str) -> Any:
+    """A property: the path of ``name`` in the run folder."""
+
+    def path(self: RunDir) -> Path:
+        return self.path / name
+
+    return property(path, doc=f"``<run>/{name}``")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A run folder (it need not exist yet)."""
@@ -45,41 +54,15 @@ class RunDir:
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
 
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / self.METRICS
-
-    @property
-    def summary(self) -> Path:
-        return self.path / self.SUMMARY
-
-    @property
-    def init(self) -> Path:
-        return self.path / self.INIT
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / self.CHECKPOINT
-
-    @property
-    def solution_path(self) -> Path:
-        return self.path / self.SOLUTION_PATH
-
-    @property
-    def masks(self) -> Path:
-        return self.path / self.MASKS
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / self.TENSORBOARD
-
-    @property
-    def lock(self) -> Path:
-        return self.path / self.LOCK
+    config = _file(CONFIG)
+    metrics = _file(METRICS)
+    summary = _file(SUMMARY)
+    init = _file(INIT)
+    checkpoint = _file(CHECKPOINT)
+    solution_path = _file(SOLUTION_PATH)
+    masks = _file(MASKS)
+    tensorboard = _file(TENSORBOARD)
+    lock = _file(LOCK)
 
     def results(self) -> list[Path]:
         """What a run computes (replaced by ``--overwrite``; the config and init stay)."""
