@@ -247,7 +247,7 @@ def test_without_momentum_every_stepped_parameter_has_state() -> None:
     assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("impl", ["default", "per-tensor"])
+@pytest.mark.parametrize("impl", ["default", "per-tensor", "foreach"])
 def test_no_host_synchronisation_inside_step(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
     model = make_model()
     opt = make_opt(model, impl)
