@@ -105,11 +105,16 @@ def accuracy(model: nn.Module, data: Data) -> float:
     return 100.0 * correct / len(data.y_test)
 
 
+def layer_units(model: nn.Module, classifier_name: str) -> list[int]:
+    """Output filters / neurons of each conv / linear layer but the classifier, in order."""
+    return [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear) and n != classifier_name]
+
+
 def units(model: nn.Module, classifier_name: str) -> int:
     """Output filters / neurons of every conv / linear layer but the classifier."""
-    return sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-               for n, m in model.named_modules()
-               if isinstance(m, nn.Conv2d | nn.Linear) and n != classifier_name)
+    return sum(layer_units(model, classifier_name))
 
 
 def train(setup: Setup, data: Data, model: nn.Module, opt: torch.optim.Optimizer,
@@ -270,6 +275,7 @@ def measure(setup: Setup, data: Data, method: str, target: float, init: dict[str
             "accuracy": accuracy(model, data),
             "units": units(model, name) / dense_units,
             "macs": macs / dense_cost[0], "params": params / dense_cost[1],
+            "layer_units": layer_units(model, name),  # where the kept units are
             "epoch_time_ratio": seconds / dense_seconds if seconds else None}
 
 
