@@ -58,7 +58,7 @@ def test_support_fraction_reaches_the_target_monotonically(density, select, sche
         assert values[0] == pytest.approx(1.0) and all(a >= b - 1e-12 for a, b in pairs)
 
 
-@pytest.mark.parametrize("allocation", ["global", "layer", "relative"])
+@pytest.mark.parametrize("allocation", ["global", "layer"])
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.8])
 def test_hits_the_target_and_trains_the_subnetwork(density, allocation):
     model = conv_net()
@@ -147,25 +147,6 @@ def test_resnet_with_residual_sums():
     assert len(coupled[first.weight]) >= 2  # its BatchNorm's weight and bias
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     assert all(p is not linear.weight for p in opt.penalised_params())
-
-
-@given(st.lists(st.integers(2, 40), min_size=2, max_size=4), st.floats(1e-3, 1e3),
-       st.floats(0.05, 1.0), st.integers(0, 2**16))
-def test_relative_allocation_ignores_the_scale_of_a_layer(sizes, factor, fraction, seed):
-    """A layer whose V is c times larger (its weights grew more) keeps the same units under
-    "relative"; under "global" it takes the support from the others."""
-    model = conv_net()
-    target = SparsityTarget(DessiLBI(lbi_param_groups(model), lr=0.1), 0.5, 10,
-                            allocation="relative")
-    g = torch.Generator().manual_seed(seed)
-    norms = [torch.rand(n, generator=g) + 0.01 for n in sizes]
-    scaled = [norms[0] * factor, *norms[1:]]
-    target.scales = [1.0] * len(sizes)
-    assert target._units_to_keep(scaled, fraction) == target._units_to_keep(norms, fraction)
-    if factor > 200:  # every unit of the scaled layer now scores above every other one
-        target.allocation = "global"
-        kept = target._units_to_keep(scaled, fraction)
-        assert kept[0] == min(sizes[0], round(fraction * sum(sizes)))
 
 
 def test_bad_arguments_name_the_field():

@@ -14,13 +14,9 @@ r"""Aim DessiLBI at a sparsity: one knob, the fraction of filters / neurons kept
    a unit's score is its group norm ‖V_g‖ divided by the mean unit norm of its layer's initial
    weights, so one score means the same for layers of any size and scale. ``allocation="global"``
    ranks the units of all layers together (each layer keeps at least ``min_units``);
-   ``"layer"`` keeps the same fraction in every layer; ``"relative"`` ranks all units together
-   by ‖V_g‖ over the mean ‖V‖ of its layer *now*, so that a layer whose weights grew more
-   during training (the fully connected ones of a small CNN) does not take the support for
-   that reason alone, while a layer with a few strong units still keeps fewer. With a MACs
-   target (``macs``) the support holds the prefix of the same global ranking whose pruned
-   network costs closest to that fraction of the dense network's MACs
-   (``cost``: :class:`dessilbi.structure.cost.MacsModel`).
+   ``"layer"`` keeps the same fraction in every layer. With a MACs target (``macs``) the
+   support holds the prefix of the same global ranking whose pruned network costs closest to
+   that fraction of the dense network's MACs (``cost``: :class:`dessilbi.structure.cost.MacsModel`).
 3. **Select, then train the subnetwork.** At T_s (``freeze=True``) the support becomes a fixed
    mask: the coupling is released (ν = ∞, so V and Γ stop moving), the weights outside the mask
    (and the biases / norm parameters of dropped units given in ``coupled``) are set to zero and
@@ -48,7 +44,7 @@ from .units import unit_counts
 __all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS"]
 
 SCHEDULES: tuple[str, ...] = ("grow", "shrink")
-ALLOCATIONS: tuple[str, ...] = ("global", "layer", "relative")
+ALLOCATIONS: tuple[str, ...] = ("global", "layer")
 
 
 def support_fraction(step: int, select_step: int, density: float, schedule: str = "grow") -> float:
@@ -113,8 +109,7 @@ class SparsityTarget:
             ``False`` keeps the pure DessiLBI path (λ holds the support at the target).
         schedule: ``"grow"`` (default) or ``"shrink"``, see :func:`support_fraction`.
         allocation: ``"global"`` ranks units of all layers together by ‖V_g‖ over the layer's
-            initial unit norm; ``"layer"`` keeps ``density`` of every layer; ``"relative"``
-            ranks them together by ‖V_g‖ over the layer's current mean ‖V‖.
+            initial unit norm; ``"layer"`` keeps ``density`` of every layer.
         min_units: with global allocation, no layer keeps fewer units than this.
         nu: ``"auto"`` derives ν from the budget (``α κ T_s / path_speed``); a number sets it;
             ``None`` keeps the optimizer's ν.
@@ -153,9 +148,9 @@ class SparsityTarget:
         if macs is not None and cost is None:
             raise ValueError("invalid cost=None: a MACs target needs the network's cost model "
                              "(dessilbi.structure.cost.MacsModel.from_model)")
-        if macs is not None and allocation == "layer":
+        if macs is not None and allocation != "global":
             raise ValueError(f"invalid allocation={allocation!r} with a MACs target: use "
-                             "'global' or 'relative'")
+                             "'global'")
         aim = ("density", density) if density is not None else ("macs", macs)
         checks = [
             (aim[0], aim[1], 0.0 < aim[1] <= 1.0, "must be in (0, 1]"),  # type: ignore[operator]
@@ -242,15 +237,13 @@ class SparsityTarget:
         sizes = [n.numel() for n in norms]
         if self.allocation == "layer":
             return [round(fraction * s) for s in sizes]
-        scales = self.scales if self.allocation == "global" else \
-            [float(n.mean()) or 1.0 for n in norms]  # "relative": the layer's V now
-        scores = torch.cat([n / s for n, s in zip(norms, scales)])
+        scores = torch.cat([n / s for n, s in zip(norms, self.scales)])
         if self.cost is None:
             k = round(fraction * scores.numel())
         else:
             k = _units_within_cost(scores, sizes, self.cost, fraction)
         cut = _threshold_keeping(scores, k)
-        keep = [int((n / s > cut).sum()) for n, s in zip(norms, scales)]
+        keep = [int((n / s > cut).sum()) for n, s in zip(norms, self.scales)]
         if k == 0:
             return keep
         return [max(kp, min(self.min_units, s)) for kp, s in zip(keep, sizes)]
