@@ -41,7 +41,7 @@ def train(model: nn.Module, opt: DessiLBI, steps: int, events: bool = True) -> N
             first, second = opt.penalised_params()[:2]
             opt.state[first]["lambda_"] = 0.2
             opt.set_mask(second, torch.rand(second.shape, generator=g) > 0.3)
-            bias = model[0].bias  # unpenalised (lbi_param_groups): updated in place
+            bias = model[0].bias  # a mask on an unpenalised tensor (lbi_param_groups)
             opt.set_mask(bias, torch.rand(bias.shape, generator=g) > 0.5)
         if events and i == 4:
             opt.set_mask(second, None)
