@@ -115,3 +115,24 @@ def test_the_gradient_buffer_holds_w_minus_gamma_unless_it_is_the_step_direction
         buckets = [b for b in opt.__dict__["_flat"].values()
                    if isinstance(b, flat.FlatBucket) and b.penalty != "none"]
         assert buckets and all((b.gap is not None) == separate for b in buckets), variant
+
+
+def test_a_lone_large_tensor_skips_the_bucket_and_steps_the_same() -> None:
+    assert flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL)])
+    assert not flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL + 1)])
+    assert flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL + 1)] * 2)
+
+    def mlp() -> nn.Module:  # 100×200 = 20,000 entries, the only tensor with rows of 200
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 200), nn.ReLU(),
+                             nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 10))
+
+    model, ref = mlp(), mlp()
+    opt, ref_opt = make_opt(model, {}), make_opt(ref, {}, foreach=False)
+    train(model, opt, 5, events=False)
+    train(ref, ref_opt, 5, events=False)
+    bucketed = {id(p) for b in opt.__dict__["_flat"].values()
+                if isinstance(b, flat.FlatBucket) for p in b.params}
+    assert id(model[3].weight) not in bucketed and id(model[1].bias) in bucketed
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .flat import FlatBucket, bucket_key, eligible, flat_step
+from .flat import FlatBucket, bucket_key, eligible, flat_step, worth_bucketing
 from .penalties import PENALTIES, prox
 from .prox import GROUP_NORMS
 from .update import dessilbi_update
@@ -346,6 +346,8 @@ class DessiLBI(Optimizer):
                 buckets[bucket_key(p, pen)].append(p)
             else:
                 others.append(p)
+        for key in [k for k, ps in buckets.items() if not worth_bucketing(ps)]:
+            others.extend(buckets.pop(key))
         cache[("plan", index)] = (group["penalty"], with_grad, dict(buckets), others)
         return buckets, others
 
