@@ -26,7 +26,7 @@ Only tensors this module knows how to lay out take part (:func:`eligible`); the 
 every tensor of a group that asks for ``foreach`` or ``fused``, take the per-tensor or
 multi-tensor path. Large tensors gain nothing (their operations are memory-bound, and the
 gathered copies cost memory passes), so a tensor above :data:`MAX_NUMEL` entries stays out,
-and so does one that would be alone in its bucket above :data:`SOLO_NUMEL` (:func:`worth_bucketing`).
+and so does one alone in its bucket above :data:`SOLO_NUMEL` (:func:`worth_bucketing`).
 """
 
 from __future__ import annotations
