@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
 from dessilbi.core.target import ALLOCATIONS, SparsityTarget
-from dessilbi.core.units import classifier_of, coupled_parameters
+from dessilbi.core.units import classifier_of, coupled_parameters, stem_of
 from dessilbi.sparsity.masks import Mask
 from dessilbi.structure.cost import MacsModel
 from dessilbi.structure.prune import count_cost, prune_model
@@ -66,6 +66,7 @@ class Setup:
     max_batches: int  # 0 = whole epochs
     allocation: str = "global"  # SparsityTarget's ranking of units across layers
     path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
+    whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
 
 
 @dataclass
@@ -173,7 +174,8 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
                          path_speed=setup.path_speed,
-                         coupled=coupled_parameters(model, example))
+                         coupled=coupled_parameters(model, example),
+                         whole=[stem_of(model, example).weight] if setup.whole_first else ())
     seconds = train(setup, data, model, opt, after_step=ctl.step)
     pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
     return pruned, seconds
@@ -294,6 +296,8 @@ def main() -> None:
     ap.add_argument("--allocation", default="global", choices=ALLOCATIONS)
     ap.add_argument("--path-speed", type=float, default=1.0,
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
+    ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
+                    help="SparsityTarget keeps every unit of the first layer")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -301,7 +305,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
-                      args.batch_size, args.max_batches, args.allocation, args.path_speed)
+                      args.batch_size, args.max_batches, args.allocation, args.path_speed,
+                      args.whole_first)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())

@@ -342,6 +342,17 @@ def test_target_density_is_hit_and_reported(tmp_path):
     assert "head.2.weight" not in final["layers"]  # the classifier is left whole
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_first_layer_is_kept_whole_unless_asked_not_to(tmp_path, keep):
+    from dessilbi.training.build import build
+
+    b = build(cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
+                  keep_classifier=True, keep_first_layer=keep))
+    first = b.model.features[0].weight
+    assert [p is first for p, w in zip(b.target.params, b.target.whole) if w] == \
+        ([True] if keep else [])
+
+
 def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
     kw = dict(model="lenet5", target_density=0.4, linear_penalty="group", keep_classifier=True,
               epochs=3)

@@ -15,6 +15,7 @@ from dessilbi import (
     support_fraction,
 )
 from dessilbi.core.target import unit_norms
+from dessilbi.core.units import stem_of
 from dessilbi.zoo.models import create_model
 
 
@@ -208,3 +209,43 @@ def test_a_macs_target_needs_a_cost_model_and_whole_units():
     with pytest.raises(ValueError, match="lasso"):
         SparsityTarget(lasso, None, 10, macs=0.5, cost=lambda f: f.mean(1))
     del example
+
+
+@pytest.mark.parametrize("density", [0.3, 0.6])
+def test_a_whole_layer_keeps_every_unit_and_the_target_holds(density):
+    model = conv_net()
+    batches = data(12)
+    example = batches[0][0][:1]
+    first = stem_of(model, example).weight
+    opt, target = setup(model, density, 12, example, whole=[first])
+    run(model, opt, target, batches[:3])  # half-way to selection: about half of its units
+    grown = int(opt.support(first).flatten(1).any(1).sum())
+    assert 0 < grown < first.shape[0]
+    run(model, opt, target, batches[3:6])
+    assert target.frozen
+    assert bool(opt.state[first]["mask"].all())
+    assert target.unit_density() == pytest.approx(density, abs=0.03)
+
+
+def test_whole_layers_must_be_penalised_and_ranked_globally():
+    model = conv_net()
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1)
+    with pytest.raises(ValueError, match="whole"):
+        SparsityTarget(opt, 0.5, 10, whole=[model[-1].weight])  # the classifier
+    with pytest.raises(ValueError, match="allocation"):
+        SparsityTarget(opt, 0.5, 10, whole=[model[0].weight], allocation="layer")
+
+
+def test_the_stem_is_the_first_layer_called_not_the_first_registered():
+    class Late(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+            self.stem = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.head(self.stem(x).flatten(1)[:, :8])
+
+    model = Late()
+    assert stem_of(model, torch.zeros(1, 1, 5, 5)) is model.stem
+    assert stem_of(nn.Sequential(nn.ReLU()), torch.zeros(1, 3)) is None

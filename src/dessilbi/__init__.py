@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .core.penalties import Penalty, get_penalty, prox, register_penalty
     from .core.prox import group_norms, group_scale, group_soft_threshold, soft_threshold
     from .core.target import SparsityTarget, support_fraction
-    from .core.units import classifier_of, coupled_parameters, unit_density
+    from .core.units import classifier_of, coupled_parameters, stem_of, unit_density
 
 # name → module: the public names are imported on first use (PEP 562), so that importing a
 # torch-free part of the package (the command line's parser, a configuration) stays fast
@@ -39,7 +39,8 @@ _EXPORTS = {
                     ".core.prox"),
     **dict.fromkeys(("Penalty", "get_penalty", "prox", "register_penalty"), ".core.penalties"),
     **dict.fromkeys(("SparsityTarget", "support_fraction"), ".core.target"),
-    **dict.fromkeys(("classifier_of", "coupled_parameters", "unit_density"), ".core.units"),
+    **dict.fromkeys(("classifier_of", "coupled_parameters", "stem_of", "unit_density"),
+                    ".core.units"),
 }
 
 
@@ -65,6 +66,7 @@ __all__ = [
     "register_penalty",
     "classifier_of",
     "coupled_parameters",
+    "stem_of",
     "support_fraction",
     "unit_density",
     "PENALTY_CHOICES",

@@ -61,6 +61,8 @@ _HELP = {
                  "target, as a fraction of the run (default 0.5)",
     "freeze": "with a target: fix the mask at selection and train the subnetwork for "
               "the rest of the run (--no-freeze: the pure path)",
+    "keep_first_layer": "with a target: keep every filter / neuron of the first layer (it "
+                        "reads the input; its units are counted in the target)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

@@ -79,6 +79,13 @@ def _threshold_keeping(norms: Tensor, k: int) -> float:
     return float(torch.topk(norms.reshape(-1), k + 1).values[-1])
 
 
+def _top_counts(scores: Tensor, sizes: list[int], k: int) -> list[int]:
+    """How many of each layer's units are among the ``k`` best ``scores`` (ties: first listed)."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.long, device=scores.device)
+    chosen[torch.argsort(scores, descending=True, stable=True)[:k]] = 1
+    return [int(c.sum()) for c in chosen.split(sizes)]
+
+
 def _units_within_cost(scores: Tensor, sizes: list[int],
                        cost: Callable[[list[Tensor]], Tensor], budget: float) -> int:
     """How many units, taken by decreasing score, make the network cost closest to ``budget``
@@ -122,6 +129,12 @@ class SparsityTarget:
         coupled: ``{weight: [tensors indexed by the same output units]}`` (the layer's bias, the
             following normalisation layer's weight and bias) zeroed with their dropped units;
             see :func:`dessilbi.structure.coupled_parameters`.
+        whole: penalised weights whose units are all kept (grown in step with the target,
+            counted in it; with global allocation), e.g. the first layer
+            (:func:`dessilbi.core.units.stem_of`): a filter that reads the input costs a few
+            weights, so its ‖V_g‖ stays small, yet dropping it removes an input channel of every
+            later filter (Conv-4 on Fashion-MNIST, 50 % of units: OTO keeps all 64 first-layer
+            filters, DessiLBI's ranking 40; docs/peers.md).
     """
 
     def __init__(
@@ -141,6 +154,7 @@ class SparsityTarget:
         path_speed: float = 1.0,
         update_every: int | None = None,
         coupled: Mapping[Tensor, Sequence[Tensor]] | None = None,
+        whole: Sequence[Tensor] = (),
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         if (density is None) == (macs is None):
@@ -181,6 +195,14 @@ class SparsityTarget:
         self.schedule, self.allocation, self.min_units = schedule, allocation, min_units
         self.update_every = update_every or max(1, self.select_step // 200)
         self.coupled = {id(p): list(v) for p, v in (coupled or {}).items()}
+        whole_ids = {id(p) for p in whole}
+        if whole_ids - {id(p) for p in self.params}:
+            raise ValueError("invalid whole: every layer kept whole must be a penalised "
+                             "(lasso / group) parameter of the optimizer")
+        if whole_ids and allocation != "global":
+            raise ValueError(f"invalid allocation={allocation!r} with whole layers: use "
+                             "'global'")
+        self.whole = [id(p) in whole_ids for p in self.params]
         self.step_count = 0
         self.frozen = False
         # Layer scale: mean unit norm of the initial weights (scores comparable across layers).
@@ -237,16 +259,31 @@ class SparsityTarget:
         sizes = [n.numel() for n in norms]
         if self.allocation == "layer":
             return [round(fraction * s) for s in sizes]
-        scores = torch.cat([n / s for n, s in zip(norms, self.scales)])
+        scores = self._scores(norms, fraction)
         if self.cost is None:
             k = round(fraction * scores.numel())
         else:
             k = _units_within_cost(scores, sizes, self.cost, fraction)
-        cut = _threshold_keeping(scores, k)
-        keep = [int((n / s > cut).sum()) for n, s in zip(norms, self.scales)]
+        keep = _top_counts(scores, sizes, k)
         if k == 0:
             return keep
         return [max(kp, min(self.min_units, s)) for kp, s in zip(keep, sizes)]
+
+    def _scores(self, norms: list[Tensor], fraction: float) -> Tensor:
+        """The global ranking: ‖V_g‖ over the layer's initial unit norm; the units of a
+        ``whole`` layer come first, as many of them as the run's progress (all by selection)."""
+        aim = self.density if self.density is not None else self.macs
+        progress = 1.0 if self.schedule == "shrink" else min(1.0, fraction / aim)  # type: ignore[operator]
+        scores = []
+        for n, s, whole in zip(norms, self.scales, self.whole):
+            score = n / s
+            if whole:
+                first = torch.zeros(n.numel(), dtype=torch.bool, device=n.device)
+                ranked = torch.argsort(n, descending=True, stable=True)
+                first[ranked[:round(progress * n.numel())]] = True
+                score = torch.where(first, math.inf, -math.inf)
+            scores.append(score)
+        return torch.cat(scores)
 
     @torch.no_grad()
     def _fix_mask(self) -> None:

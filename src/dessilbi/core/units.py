@@ -2,6 +2,9 @@
 
 * :func:`classifier_of`: the layer that produces the model's output (the classifier), left whole
   by default so the number of classes never changes.
+* :func:`stem_of`: the first conv / linear layer called (it reads the input), whose filters
+  are cheap and feed every later layer: kept whole by a :class:`~.target.SparsityTarget` by
+  default.
 * :func:`coupled_parameters`: for every conv / linear weight, the tensors indexed by the same
   output units (its bias, the normalisation layer that consumes its output), which go with a
   dropped filter / neuron.
@@ -31,7 +34,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 __all__ = ["CONV_TYPES", "LINEAR_TYPES", "NORM_TYPES", "classifier_of", "coupled_parameters",
-           "unit_density", "unit_counts", "unit_mask"]
+           "stem_of", "unit_density", "unit_counts", "unit_mask"]
 
 
 def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[nn.Module, Tensor]], Any,
@@ -81,6 +84,13 @@ def classifier_of(model: nn.Module, example: Any = None) -> nn.Module | None:
         if tensor is out:
             return module
     return produced[-1][0] if produced else None
+
+
+def stem_of(model: nn.Module, example: Any) -> nn.Module | None:
+    """The first conv / linear layer called in a forward pass on ``example``: the layer that
+    reads the input (``None`` when the model has none)."""
+    produced, _, _ = _trace(model, example)
+    return produced[0][0] if produced else None
 
 
 def coupled_parameters(model: nn.Module, example: Any) -> dict[Tensor, list[Tensor]]:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ..core.optim import DessiLBI
 from ..core.optimizers import create_optimizer
 from ..core.target import SparsityTarget
-from ..core.units import coupled_parameters
+from ..core.units import coupled_parameters, stem_of
 from ..files import load_checkpoint
 from ..sparsity.masks import Mask, unwrap
 from ..structure.cost import MacsModel
@@ -124,9 +124,17 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
             cost = MacsModel.from_model(model, example, opt.penalised_params())
         target = SparsityTarget(opt, cfg.target_density, steps, macs=cfg.target_macs, cost=cost,
                                 select_at=cfg.select_at, freeze=cfg.freeze,
-                                coupled=coupled_parameters(model, example))
+                                coupled=coupled_parameters(model, example),
+                                whole=_first_layer(model, example, opt, cfg.keep_first_layer))
     return Built(cfg, model, opt, make_scheduler(cfg.sched, opt), train_set, test_set, info,
                  device, note, example, target, steps)
+
+
+def _first_layer(model: nn.Module, example: Tensor, opt: DessiLBI, keep: bool) -> list[Tensor]:
+    """The weight of the layer that reads the input, when it is kept whole and penalised."""
+    stem = stem_of(model, example) if keep else None
+    weight = getattr(stem, "weight", None)
+    return [weight] if any(weight is p for p in opt.penalised_params()) else []
 
 
 def _example(dataset: Dataset, device: torch.device) -> Tensor:

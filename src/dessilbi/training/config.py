@@ -50,7 +50,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
-_NOT_LEGACY = {"final_lr", "target_macs"}
+_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class TargetConfig:
     macs: float | None = None  # fraction of the dense network's MACs kept
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
+    keep_first_layer: bool = False  # keep every unit of the layer that reads the input
 
 
 @dataclass(frozen=True)
