@@ -227,6 +227,27 @@ def test_a_whole_layer_keeps_every_unit_and_the_target_holds(density):
     assert target.unit_density() == pytest.approx(density, abs=0.03)
 
 
+def test_a_macs_target_with_the_first_layer_whole():
+    from dessilbi.sparsity.masks import Mask
+    from dessilbi.structure.cost import MacsModel
+    from dessilbi.structure.prune import count_cost, prune_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", 10, 1, 28)
+    example = torch.randn(1, 1, 28, 28)
+    head, first = model.head[-1], stem_of(model, example).weight
+    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]), lr=0.05)
+    target = SparsityTarget(opt, None, 4, macs=0.6, whole=[first],
+                            cost=MacsModel.from_model(model, example, opt.penalised_params()))
+    g = torch.Generator().manual_seed(0)
+    run(model, opt, target, [(torch.randn(4, 1, 28, 28, generator=g),
+                              torch.randint(0, 10, (4,), generator=g)) for _ in range(3)])
+    assert bool(opt.state[first]["mask"].all())
+    pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
+    assert count_cost(pruned, example)[0] / count_cost(model, example)[0] == \
+        pytest.approx(0.6, abs=0.05)
+
+
 def test_whole_layers_must_be_penalised_and_ranked_globally():
     model = conv_net()
     opt = DessiLBI(lbi_param_groups(model), lr=0.1)

@@ -130,11 +130,11 @@ class SparsityTarget:
             following normalisation layer's weight and bias) zeroed with their dropped units;
             see :func:`dessilbi.structure.coupled_parameters`.
         whole: penalised weights whose units are all kept (grown in step with the target,
-            counted in it; with global allocation), e.g. the first layer
-            (:func:`dessilbi.core.units.stem_of`): a filter that reads the input costs a few
-            weights, so its ‖V_g‖ stays small, yet dropping it removes an input channel of every
-            later filter (Conv-4 on Fashion-MNIST, 50 % of units: OTO keeps all 64 first-layer
-            filters, DessiLBI's ranking 40; docs/peers.md).
+            counted in it; with global allocation), e.g. the layer that reads the input
+            (:func:`dessilbi.core.units.stem_of`), which pruning methods often leave whole
+            (OTO keeps all of Conv-4's 64 first-layer filters at 50 % of units). Measured level
+            with the default ranking on LeNet-5 and Conv-4 (docs/peers.md), hence not the
+            default.
     """
 
     def __init__(
