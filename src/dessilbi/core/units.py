@@ -3,8 +3,8 @@
 * :func:`classifier_of`: the layer that produces the model's output (the classifier), left whole
   by default so the number of classes never changes.
 * :func:`stem_of`: the first conv / linear layer called (it reads the input), whose filters
-  are cheap and feed every later layer: kept whole by a :class:`~.target.SparsityTarget` by
-  default.
+  are cheap and feed every later layer: ``SparsityTarget(..., whole=[...])`` can keep it whole
+  (``dessilbi train --keep-first-layer``).
 * :func:`coupled_parameters`: for every conv / linear weight, the tensors indexed by the same
   output units (its bias, the normalisation layer that consumes its output), which go with a
   dropped filter / neuron.
