@@ -259,7 +259,7 @@ class SparsityTarget:
         sizes = [n.numel() for n in norms]
         if self.allocation == "layer":
             return [round(fraction * s) for s in sizes]
-        scores = self._scores(norms, fraction)
+        scores = self._scores(norms)
         if self.cost is None:
             k = round(fraction * scores.numel())
         else:
@@ -269,11 +269,11 @@ class SparsityTarget:
             return keep
         return [max(kp, min(self.min_units, s)) for kp, s in zip(keep, sizes)]
 
-    def _scores(self, norms: list[Tensor], fraction: float) -> Tensor:
+    def _scores(self, norms: list[Tensor]) -> Tensor:
         """The global ranking: ‖V_g‖ over the layer's initial unit norm; the units of a
         ``whole`` layer come first, as many of them as the run's progress (all by selection)."""
-        aim = self.density if self.density is not None else self.macs
-        progress = 1.0 if self.schedule == "shrink" else min(1.0, fraction / aim)  # type: ignore[operator]
+        grown = min(1.0, self.step_count / self.select_step)  # as support_fraction's "grow"
+        progress = 1.0 if self.schedule == "shrink" else grown
         scores = []
         for n, s, whole in zip(norms, self.scales, self.whole):
             score = n / s

@@ -132,8 +132,9 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
 
 def _first_layer(model: nn.Module, example: Tensor, opt: DessiLBI, keep: bool) -> list[Tensor]:
     """The weight of the layer that reads the input, when it is kept whole and penalised."""
-    stem = stem_of(model, example) if keep else None
-    weight = getattr(stem, "weight", None)
+    if not keep:
+        return []
+    weight = getattr(stem_of(model, example), "weight", None)
     return [weight] if any(weight is p for p in opt.penalised_params()) else []
 
 
