@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi.core.optim import PULLS
 from dessilbi.core.target import ALLOCATIONS, SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters, stem_of
 from dessilbi.sparsity.masks import Mask
@@ -67,6 +68,7 @@ class Setup:
     allocation: str = "global"  # SparsityTarget's ranking of units across layers
     path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
     whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
+    pull: str = "outside"  # SparsityTarget's pull: the coupling decays units outside supp(Γ)
 
 
 @dataclass
@@ -173,7 +175,7 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
     ctl = SparsityTarget(opt, None if macs is not None else target,
                          setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
-                         path_speed=setup.path_speed,
+                         path_speed=setup.path_speed, pull=setup.pull,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else ())
     seconds = train(setup, data, model, opt, after_step=ctl.step)
@@ -298,6 +300,9 @@ def main() -> None:
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
                     help="SparsityTarget keeps every unit of the first layer")
+    ap.add_argument("--pull", default="outside", choices=PULLS,
+                    help="SparsityTarget's pull: outside supp(Γ) (default) or all (the paper's; "
+                         "the tables before it)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -306,7 +311,7 @@ def main() -> None:
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
-                      args.whole_first)
+                      args.whole_first, args.pull)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())

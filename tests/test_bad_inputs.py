@@ -15,7 +15,7 @@ from dessilbi.cli.main import build_parser, main
 from dessilbi.training.config import flat_fields
 
 _CHOICE_KEYS = ("model", "dataset", "optimizer", "group_norm", "conv_penalty", "linear_penalty",
-                "schedule", "device", "amp")
+                "schedule", "device", "amp", "pull")
 
 
 def _wrong_value(tp: typing.Any) -> typing.Any:

@@ -26,13 +26,23 @@ def naive_prox(v, penalty, lam, group_norm):
     return out
 
 
+def naive_unit_is_zero(gamma, penalty):
+    """1 where the entry's unit (its row for ``group``, itself for ``lasso``) has Γ = 0."""
+    if penalty == "lasso":
+        return (gamma == 0).double()
+    out = torch.zeros_like(gamma)
+    for r in range(gamma.shape[0]):
+        out[r] = float(bool((gamma[r] == 0).all()))
+    return out
+
+
 class NaiveDessiLBI:
     """The equations of ALGORITHM.md, literally, one tensor at a time, with Γ stored."""
 
-    def __init__(self, groups, lr, kappa, nu, lam, momentum, dampening, nesterov):
+    def __init__(self, groups, lr, kappa, nu, lam, momentum, dampening, nesterov, pull="all"):
         self.groups = groups
         self.h = dict(lr=lr, kappa=kappa, nu=nu, lam=lam, m=momentum, damp=dampening,
-                      nesterov=nesterov)
+                      nesterov=nesterov, pull=pull)
         self.state = {}
 
     def step(self):
@@ -60,7 +70,10 @@ class NaiveDessiLBI:
                     if pen == "none":
                         w.copy_(W0 - a * k * d)
                     else:
-                        w.copy_(W0 - a * k * d - (a * k / nu) * (W0 - G0))
+                        pull = torch.ones_like(W0)
+                        if h["pull"] == "outside":  # units (rows / entries) with Γ = 0
+                            pull = naive_unit_is_zero(G0, pen)
+                        w.copy_(W0 - a * k * d - (a * k / nu) * (W0 - G0) * pull)
                         st["V"] = V0 - (a / nu) * (G0 - W0)
                         st["G"] = k * naive_prox(st["V"], pen, lam, gnorm)
 
@@ -128,6 +141,49 @@ def test_matches_naive_equations(foreach, cfg, group_norm):
     # the run must exercise the thresholds: some entries in the support, some not
     total = sum(p.numel() for p in opt.penalised_params())
     assert 0 < n_support < total
+
+@pytest.mark.parametrize("impl", [dict(), dict(foreach=False), dict(foreach=True),
+                                  dict(fused=True)])
+def test_pull_outside_matches_naive_equations(impl):
+    """pull="outside": the coupling pulls W only on the units with Γ = 0, in every
+    implementation (default flat buckets, per-tensor loop, foreach, compiled)."""
+    hp = dict(lr=0.1, kappa=1.5, nu=0.8, lam=0.05, momentum=0.9, dampening=0.0,
+              nesterov=False)
+    data = batches(25)
+    finals = {}
+    for pull in ("outside", "all"):
+        model = small_model()
+        ref_model = copy.deepcopy(model)
+        opt = DessiLBI(lbi_param_groups(model, linear_penalty="lasso", keep_classifier=False),
+                       lr=hp["lr"], kappa=hp["kappa"], nu=hp["nu"], lambda_=hp["lam"],
+                       momentum=hp["momentum"], pull=pull, **impl)
+        ref = NaiveDessiLBI(lbi_param_groups(ref_model, linear_penalty="lasso",
+                                             keep_classifier=False), pull=pull, **hp)
+        train(model, opt, data)
+        train(ref_model, ref, data)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            assert (p - q).abs().max() <= 1e-9
+        support = [opt.support(p) for p in opt.penalised_params()]
+        assert 0 < sum(int(m.sum()) for m in support) < sum(m.numel() for m in support)
+        finals[pull] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (finals["outside"] - finals["all"]).abs().max() > 1e-3  # the option does something
+
+
+def test_pull_outside_leaves_the_support_to_sgd():
+    """One step with pull="outside": a filter in supp(Γ) moves as SGD-momentum would, one
+    outside it also decays by (ακ/ν) W."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = DessiLBI([{"params": [w], "penalty": "group"}], lr=0.1, nu=2.0, lambda_=0.0,
+                   momentum=0.0, pull="outside", foreach=False)
+    opt.state[w]["V"] = torch.tensor([[1.0] * 4, [0.0] * 4, [0.2] * 4])
+    opt.state[w]["lambda_"] = 1.0  # row 0 (norm 2) is in the support, rows 1, 2 are not
+    w.grad = torch.randn(3, 4)
+    before = w.detach().clone()
+    opt.step()
+    sgd = before - 0.1 * w.grad
+    assert torch.equal(w.detach()[0], sgd[0])
+    torch.testing.assert_close(w.detach()[1:], sgd[1:] - (0.1 / 2.0) * before[1:])
 
 
 def test_foreach_equals_single_tensor():
@@ -339,6 +395,7 @@ def test_nu_chosen_from_the_number_of_steps():
         (dict(momentum=0.0, nesterov=True), "nesterov"),
         (dict(penalty="l1"), "penalty"),
         (dict(group_norm="linf"), "group_norm"),
+        (dict(pull="inside"), "pull"),
     ],
 )
 def test_validation_names_field_and_value(kwargs, field):

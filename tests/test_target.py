@@ -104,6 +104,29 @@ def test_nu_is_derived_from_the_budget():
     assert opt.param_groups[0]["nu"] == pytest.approx(0.05 * 1.0 * 500 / 4.0)
 
 
+@pytest.mark.parametrize("pull", ["outside", "all", None])
+def test_the_pull_on_the_penalised_groups(pull):
+    """The target sets the optimizer's pull on the groups it steers (None keeps the
+    optimizer's); the unpenalised groups keep theirs."""
+    model = conv_net()
+    opt = DessiLBI(lbi_param_groups(model, example_inputs=torch.zeros(1, 1, 8, 8)), lr=0.05)
+    SparsityTarget(opt, 0.5, 10, pull=pull)
+    steered = {id(p) for p in opt.penalised_params()}
+    for group in opt.param_groups:
+        mine = any(id(p) in steered for p in group["params"])
+        assert group["pull"] == (pull or "all" if mine else "all")
+
+
+def test_an_optimizer_state_saved_before_pull_existed_loads_as_the_papers_iteration():
+    model = conv_net()
+    opt, _ = setup(model, 0.5, 10, torch.zeros(1, 1, 8, 8))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["pull"]
+    opt.load_state_dict(saved)
+    assert {g["pull"] for g in opt.param_groups} == {"all"}
+
+
 def test_resume_is_bit_for_bit():
     batches = data(10)
     model = conv_net()
@@ -155,7 +178,8 @@ def test_bad_arguments_name_the_field():
     opt = DessiLBI(lbi_param_groups(model), lr=0.1)
     for kw, field in ((dict(density=0.0), "density"), (dict(density=1.5), "density"),
                       (dict(total_steps=0), "total_steps"), (dict(select_at=0), "select_at"),
-                      (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation")):
+                      (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation"),
+                      (dict(pull="x"), "pull")):
         args = {"density": 0.5, "total_steps": 10, **kw}
         with pytest.raises(ValueError, match=field):
             SparsityTarget(opt, **args)

@@ -44,7 +44,7 @@ def _group_scales(vs: list[Tensor], lam: Tensor, kappa: Tensor, rms: bool) -> li
 def _update(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs: list[Tensor],
     scales: list[Tensor], h: dict[str, Tensor], penalty: str, use_momentum: bool,
-    nesterov: bool, use_wd: bool,
+    nesterov: bool, use_wd: bool, pull_outside: bool,
 ) -> None:
     lr, kappa, nu_inv, lam = h["lr"], h["kappa"], h["nu_inv"], h["lam"]
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -62,12 +62,16 @@ def _update(
             continue
         v = vs[i]
         if penalty == "lasso":
-            gam = (v - torch.clamp(v, min=-lam, max=lam)) * kappa
+            clipped = torch.clamp(v, min=-lam, max=lam)
+            gam = (v - clipped) * kappa
+            idle = v == clipped
         else:
             gam = v * scales[i]
+            idle = scales[i] == 0
         diff = w - gam
+        pulled = diff * idle if pull_outside else diff
         v.copy_(v + diff * (lr * nu_inv))
-        w.copy_(w - lr * kappa * (d + diff * nu_inv))
+        w.copy_(w - lr * kappa * (d + pulled * nu_inv))
 
 
 def _update_many(items: list[tuple[Any, ...]]) -> None:
@@ -107,7 +111,7 @@ class _ScalarCache:
 def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
              vs: list[Tensor | None], scalars: _ScalarCache, penalty: str, lr: float | Tensor,
              kappa: float, nu: float, lambda_: float, group_norm: str, momentum: float,
-             dampening: float, nesterov: bool, weight_decay: float,
+             dampening: float, nesterov: bool, weight_decay: float, pull: str = "all",
              ) -> list[tuple[tuple[Any, ...], tuple[Any, ...] | None]]:
     """(update arguments, filter-norm arguments or None) per (device, dtype, first step) of
     one bundle.
@@ -134,21 +138,23 @@ def _prepare(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None
                     lam=lambda_, wd=weight_decay, momentum=momentum,
                     buf_keep=0.0 if first else momentum,
                     grad_coef=1.0 if first else 1.0 - dampening)),
-                penalty, use_momentum, nesterov, weight_decay != 0.0, group_norm))
+                penalty, use_momentum, nesterov, weight_decay != 0.0, group_norm,
+                pull == "outside"))
     return out
 
 
 def _prepare_part(idx: list[int], first: bool, params: list[Tensor], grads: list[Tensor],
                   bufs: list[Tensor | None], vs: list[Tensor | None], h: dict[str, Tensor],
                   penalty: str, use_momentum: bool, nesterov: bool, use_wd: bool,
-                  group_norm: str) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+                  group_norm: str, pull_outside: bool,
+                  ) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     if first:
         for i in idx:
             bufs[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
     v_ = [vs[i] for i in idx] if penalty != "none" else []
     update = ([params[i] for i in idx], [grads[i] for i in idx],
               [bufs[i] for i in idx] if use_momentum else [], v_, h, penalty,
-              use_momentum, nesterov, use_wd)
+              use_momentum, nesterov, use_wd, pull_outside)
     norms = (v_, h["lam"], h["kappa"], group_norm == "rms") if penalty == "group" else None
     return update, norms
 
@@ -167,9 +173,9 @@ def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
     norm_args = [n for _, n in prepared if n is not None]
     scales = iter(cache["scales"](norm_args) if norm_args else [])
     items = []
-    for (params, grads, bufs, vs, h, penalty, use_m, nesterov, use_wd), n in prepared:
+    for (params, grads, bufs, vs, h, penalty, use_m, nesterov, use_wd, outside), n in prepared:
         items.append((params, grads, bufs, vs, next(scales) if n is not None else [], h,
-                      penalty, use_m, nesterov, use_wd))
+                      penalty, use_m, nesterov, use_wd, outside))
     cache["update"](items)
 
 

@@ -15,7 +15,9 @@ as one row reduction, and writes the weights back (one ``torch._foreach_copy_``)
     B &\leftarrow m B + (1 - \text{dampening}) G, \quad
     D = W - κ \operatorname{prox}_{λ}(V) \\
     V &\leftarrow V + \frac{α}{ν} D, \quad
-    W \leftarrow W - ακ B - \frac{ακ}{ν} D, \quad w_i \leftarrow W_i
+    W \leftarrow W - ακ B - \frac{ακ}{ν} D \odot P, \quad w_i \leftarrow W_i
+
+(P = 1, or 1[Γ = 0] per unit with ``pull="outside"``.)
 
 Per-tensor thresholds (``state["lambda_"]``, set by :class:`~dessilbi.core.target.SparsityTarget`)
 become a column of per-row thresholds, fixed masks a mask of the buffer's shape. A bucket is
@@ -182,7 +184,7 @@ class FlatBucket:
 def flat_step(bucket: FlatBucket, grads: Sequence[Tensor], states: Sequence[dict[str, Any]],
               masks: Sequence[Tensor | None], lam: Tensor | float, *, lr: float,
               kappa: float, nu: float, group_norm: str, momentum: float, dampening: float,
-              nesterov: bool, weight_decay: float, maximize: bool) -> None:
+              nesterov: bool, weight_decay: float, maximize: bool, pull: str = "all") -> None:
     """One DessiLBI step of every tensor of ``bucket`` (the formula: the module docstring);
     ``lam`` is the threshold, or a column of per-row ones (:meth:`FlatBucket.lambdas_of`)."""
     mask = gather(bucket, grads, masks, momentum=momentum, dampening=dampening,
@@ -197,10 +199,13 @@ def flat_step(bucket: FlatBucket, grads: Sequence[Tensor], states: Sequence[dict
         d = g.add_(bucket.buf, alpha=momentum) if nesterov else bucket.buf
     step = lr * kappa
     if bucket.penalty != "none" and nu != math.inf:
-        gap = _gap(bucket, lam, kappa, group_norm,
-                   out=g if d is not g else bucket.gap_buffer())
+        gap, idle = _gap(bucket, lam, kappa, group_norm,
+                         out=g if d is not g else bucket.gap_buffer(), idle=pull == "outside")
         bucket.v.add_(gap, alpha=lr / nu)  # type: ignore[union-attr]
-        w.add_(gap, alpha=-step / nu)
+        if idle is None:
+            w.add_(gap, alpha=-step / nu)
+        else:  # the pull on the units outside supp(Γ) only
+            w.addcmul_(gap, idle, value=-step / nu)
     w.add_(d, alpha=-step)
     write_back(bucket, states, mask, momentum)
 
@@ -264,12 +269,16 @@ def group_shrink(v: Tensor, lam: Tensor | float, kappa: float, group_norm: str) 
 
 
 def _gap(bucket: FlatBucket, lam: Tensor | float, kappa: float, group_norm: str,
-         out: Tensor) -> Tensor:
-    """D = W − κ prox_λ(V) into ``out`` (Γ is never materialised)."""
+         out: Tensor, idle: bool = False) -> tuple[Tensor, Tensor | None]:
+    """D = W − κ prox_λ(V) into ``out`` (Γ is never materialised) and, with ``idle``,
+    1[Γ = 0] per row (``group``) or entry (``lasso``)."""
     v, w = bucket.v, bucket.weights
     assert v is not None
     if bucket.penalty == "group":
-        return torch.addcmul(w, v, group_shrink(v, lam, kappa, group_norm), value=-1.0, out=out)
+        shrink = group_shrink(v, lam, kappa, group_norm)
+        outside = (shrink == 0).to(w.dtype) if idle else None
+        return torch.addcmul(w, v, shrink, value=-1.0, out=out), outside
     # lasso: W − κ (V − clamp(V, −λ, λ)) = W + κ (clamp(V, −λ, λ) − V)
+    outside = (v.abs() <= lam).to(w.dtype) if idle else None
     torch.clamp(v, min=-lam, max=lam, out=out)
-    return out.sub_(v).mul_(kappa).add_(w)
+    return out.sub_(v).mul_(kappa).add_(w), outside

@@ -24,17 +24,33 @@ def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
 
 
 def _gap(w: Tensor, v: Tensor, penalty: str, kappa: float, lambda_: float,
-         group_norm: str, workspace: Tensor | None = None) -> Tensor:
+         group_norm: str, workspace: Tensor | None = None, idle: bool = False,
+         ) -> tuple[Tensor, Tensor | None]:
     """W − Γ = W − κ prox_λ(V) in one kernel after the prox's own (Γ is never materialised),
-    written into ``workspace`` (a flat buffer of at least ``w.numel()`` entries) when given."""
+    written into ``workspace`` (a flat buffer of at least ``w.numel()`` entries) when given;
+    with ``idle``, also 1[Γ = 0] per unit (broadcastable to W), else ``None``."""
     out = None
     if workspace is not None and w.is_contiguous() and workspace.numel() >= w.numel() \
             and workspace.dtype == w.dtype and workspace.device == w.device:
         out = workspace[:w.numel()].view(w.shape)
     if penalty == "group":
-        scale = group_scale(v, lambda_, 0, group_norm)  # type: ignore[arg-type]
-        return torch.addcmul(w, v, broadcast_to_groups(scale, v, 0), value=-kappa, out=out)
-    return torch.add(w, prox(v, penalty, lambda_, group_norm), alpha=-kappa, out=out)
+        scale = broadcast_to_groups(group_scale(v, lambda_, 0, group_norm), v, 0)  # type: ignore[arg-type]
+        outside = (scale == 0).to(w.dtype) if idle else None
+        return torch.addcmul(w, v, scale, value=-kappa, out=out), outside
+    gam = prox(v, penalty, lambda_, group_norm)
+    return torch.add(w, gam, alpha=-kappa, out=out), (gam == 0).to(w.dtype) if idle else None
+
+
+def _prox_all(vs: list[Tensor], penalty: str, lambda_: float, group_norm: str, idle: bool,
+              ) -> tuple[list[Tensor], list[Tensor] | None]:
+    """prox_λ(V) of every tensor and, with ``idle``, 1[Γ = 0] per unit (as :func:`_gap`)."""
+    if penalty != "group":
+        gam = [prox(v, penalty, lambda_, group_norm) for v in vs]
+        return gam, [(g == 0).to(g.dtype) for g in gam] if idle else None
+    scales = [broadcast_to_groups(group_scale(v, lambda_, 0, group_norm), v, 0)  # type: ignore[arg-type]
+              for v in vs]
+    gam = torch._foreach_mul(vs, scales)
+    return gam, [(s == 0).to(s.dtype) for s in scales] if idle else None
 
 
 def workspace_for(params: list[Tensor], held: dict[tuple[torch.dtype, torch.device], Tensor],
@@ -64,13 +80,13 @@ def single_tensor(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
     vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
     lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
-    weight_decay: float, workspace: Tensor | None = None,
+    weight_decay: float, pull: str = "all", workspace: Tensor | None = None,
 ) -> None:
     compiling = torch.compiler.is_compiling()
     blocked = penalty in _ROW_WISE and not compiling
     h = dict(penalty=penalty, lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, group_norm=group_norm,
              momentum=momentum, dampening=dampening, nesterov=nesterov,
-             weight_decay=weight_decay, workspace=None if compiling else workspace)
+             weight_decay=weight_decay, pull=pull, workspace=None if compiling else workspace)
     for i, (w, g) in enumerate(zip(params, grads)):
         fresh = momentum != 0.0 and bufs[i] is None
         if fresh:  # b ← g on the tensor's first step (written block by block below)
@@ -89,7 +105,7 @@ def single_tensor(
 def _step_rows(w: Tensor, g: Tensor, b: Tensor | None, v: Tensor | None, fresh: bool, *,
                penalty: str, lr: float | Tensor, kappa: float, nu: float, lambda_: float,
                group_norm: str, momentum: float, dampening: float, nesterov: bool,
-               weight_decay: float, workspace: Tensor | None) -> None:
+               weight_decay: float, pull: str, workspace: Tensor | None) -> None:
     """The step of one tensor, or of a block of its rows (``fresh``: b ← g)."""
     step = lr * kappa
     if weight_decay != 0.0:
@@ -107,15 +123,20 @@ def _step_rows(w: Tensor, g: Tensor, b: Tensor | None, v: Tensor | None, fresh: 
     if penalty != "none" and nu != math.inf:
         assert v is not None
         # diff = W − Γ with the values before this step; it drives both V and W.
-        diff = _gap(w, v, penalty, kappa, lambda_, group_norm, workspace)
+        diff, idle = _gap(w, v, penalty, kappa, lambda_, group_norm, workspace,
+                          idle=pull == "outside")
         if torch.compiler.is_compiling():
             # Inductor (torch 2.14, CPU) generates broken code for several in-place updates
             # that read a reduction over one of them (group norms of V); one foreach node
             # holding the updates of V and W compiles.
-            torch._foreach_add_([v, w], [diff * (lr / nu), (d + diff / nu) * -step])
+            pulled = diff if idle is None else diff * idle
+            torch._foreach_add_([v, w], [diff * (lr / nu), (d + pulled / nu) * -step])
             return
         v.add_(diff, alpha=lr / nu)
-        w.add_(diff, alpha=-step / nu)
+        if idle is None:
+            w.add_(diff, alpha=-step / nu)
+        else:  # the pull on the units outside supp(Γ) only
+            w.addcmul_(diff, idle, value=-step / nu)
     w.add_(d, alpha=-step)
 
 
@@ -123,7 +144,7 @@ def multi_tensor(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
     vs: list[Tensor | None], *, penalty: str, lr: float | Tensor, kappa: float, nu: float,
     lambda_: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
-    weight_decay: float,
+    weight_decay: float, pull: str = "all",
 ) -> None:
     step = lr * kappa
     if weight_decay != 0.0:
@@ -141,8 +162,11 @@ def multi_tensor(
     else:
         d = grads
     if penalty != "none" and nu != math.inf:
-        gam = [prox(v, penalty, lambda_, group_norm) for v in vs]
+        gam, idle = _prox_all(vs, penalty, lambda_, group_norm, pull == "outside")
         diff = torch._foreach_sub(params, gam, alpha=kappa)
         torch._foreach_add_(vs, diff, alpha=lr / nu)
-        torch._foreach_add_(params, diff, alpha=-step / nu)
+        if idle is None:
+            torch._foreach_add_(params, diff, alpha=-step / nu)
+        else:
+            torch._foreach_addcmul_(params, diff, idle, value=-step / nu)
     torch._foreach_add_(params, d, alpha=-step)

@@ -14,12 +14,17 @@ first. One step, per parameter W with gradient g (right-hand sides use values be
     b &\leftarrow m\, b + (1 - \text{dampening})\, g
         \quad (b \leftarrow g \text{ on the first step}) \\
     d &\leftarrow g + m\, b \text{ (Nesterov)} \quad\text{else}\quad d \leftarrow b \\
-    W &\leftarrow W - ακ\, d - \frac{ακ}{ν} (W - Γ) \\
+    W &\leftarrow W - ακ\, d - \frac{ακ}{ν} (W - Γ) \odot P \\
     V &\leftarrow V + \frac{α}{ν} (W - Γ) \\
     Γ &\leftarrow κ \operatorname{prox}_λ(V)
 
 Parameters with ``penalty="none"`` take the plain step ``W ← W − ακ d`` (the factor κ follows the
 authors' reference implementation). The coupling term never enters the momentum buffer.
+
+P says on which units the coupling pulls W (``pull``): ``"all"`` (P = 1, the paper's iteration)
+or ``"outside"`` (P = 1[Γ_g = 0] per filter / neuron, per weight for ``lasso``): there Γ is 0 and
+the pull is the decay (ακ/ν) W, while the units in supp(Γ) train as SGD-momentum would. V and Γ
+follow the same path equations either way.
 
 The optimizer state of a penalised parameter is V (``state["V"]``) and the momentum buffer;
 Γ = κ prox_λ(V) is recomputed when needed, so the state costs at most 2× the parameter bytes.
@@ -41,9 +46,11 @@ from .penalties import PENALTIES, prox
 from .prox import GROUP_NORMS
 from .update import dessilbi_update
 
-__all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "unwrap_optimizer", "PENALTY_CHOICES"]
+__all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "unwrap_optimizer", "PENALTY_CHOICES",
+           "PULLS"]
 
 PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")  # built in: PENALTIES
+PULLS: tuple[str, ...] = ("all", "outside")  # the units the coupling pulls W on
 
 
 DEFAULT_NU = 100.0  # the paper's ν, for runs whose length the optimizer is not told
@@ -124,6 +131,8 @@ def _check_group(group: dict[str, Any]) -> None:
         raise bad("penalty", group["penalty"], f"must be one of {('auto', *PENALTIES)}")
     if group["group_norm"] not in GROUP_NORMS:
         raise bad("group_norm", group["group_norm"], f"must be one of {GROUP_NORMS}")
+    if group["pull"] not in PULLS:
+        raise bad("pull", group["pull"], f"must be one of {PULLS}")
     if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
         raise bad("nesterov", True, "requires momentum > 0 and dampening = 0")
 
@@ -158,6 +167,11 @@ class DessiLBI(Optimizer):
         dampening: dampening of the momentum (default 0).
         nesterov: Nesterov momentum (default False).
         weight_decay: L2 penalty added to the gradient (default 0).
+        pull: the units on which the coupling pulls W towards Γ: ``"all"`` (default, the
+            paper's iteration) or ``"outside"`` (only units outside supp(Γ), which it decays by
+            (ακ/ν) W a step; units in the support train as SGD-momentum). V and Γ are the same
+            path either way. :class:`~dessilbi.SparsityTarget` sets ``"outside"`` (Conv-4 on
+            Fashion-MNIST at 50 % of units: 92.55 % against 92.02 %, docs/peers.md).
         maximize: maximise the objective (the step uses −g), as in ``torch.optim``.
         foreach: ``True``: the multi-tensor (``torch._foreach_*``) kernels; ``False``: the
             per-tensor loop; ``None`` (default): on CUDA the multi-tensor kernels, as
@@ -198,6 +212,7 @@ class DessiLBI(Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         *,
+        pull: str = "all",
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool = False,
@@ -208,7 +223,8 @@ class DessiLBI(Optimizer):
         defaults = dict(
             lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, penalty=penalty, group_norm=group_norm,
             momentum=momentum, dampening=dampening, nesterov=nesterov,
-            weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused,
+            weight_decay=weight_decay, pull=pull, maximize=maximize, foreach=foreach,
+            fused=fused,
         )
         _check_group(defaults)
         if isinstance(params, set):
@@ -236,6 +252,8 @@ class DessiLBI(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # saved before ``pull`` existed: the paper's iteration
+            group.setdefault("pull", "all")
         for state in self.state.values():  # torch casts state tensors to the parameter dtype
             if "mask" in state:
                 state["mask"] = state["mask"].bool()
@@ -245,6 +263,7 @@ class DessiLBI(Optimizer):
         for group in self.param_groups:
             for key in ("foreach", "fused", "maximize"):
                 group.setdefault(key, self.defaults.get(key))
+            group.setdefault("pull", "all")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -280,7 +299,7 @@ class DessiLBI(Optimizer):
                 self._flat_step(index, key, params, group)
             for (pen, lam), bundle in bundles.items():
                 hp = {k: group[k] for k in ("lr", "kappa", "nu", "group_norm", "momentum",
-                                            "dampening", "nesterov", "weight_decay")}
+                                            "dampening", "nesterov", "weight_decay", "pull")}
                 hp["lambda_"] = lam
                 # Inside a compiled training step the caller's compiler fuses the update
                 # already (and a nested compiled call would be inlined into it).
@@ -367,7 +386,8 @@ class DessiLBI(Optimizer):
                   lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"],
                   nu=group["nu"], group_norm=group["group_norm"], momentum=group["momentum"],
                   dampening=group["dampening"], nesterov=group["nesterov"],
-                  weight_decay=group["weight_decay"], maximize=group["maximize"])
+                  weight_decay=group["weight_decay"], maximize=group["maximize"],
+                  pull=group["pull"])
 
     def _compiled_cache(self) -> dict[str, Any]:
         # Held by the instance (not the module) so compiled kernels die with the optimizer.

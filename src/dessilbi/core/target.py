@@ -7,7 +7,9 @@ r"""Aim DessiLBI at a sparsity: one knob, the fraction of filters / neurons kept
 
 1. **Path speed from the budget.** ν is set to ``α κ T_s / c`` (T_s the selection step,
    ``c = path_speed``), so the coupling ``(W − Γ)/ν`` has acted for ``c`` time constants by T_s
-   whatever the number of steps.
+   whatever the number of steps. It pulls W only on the units outside supp(Γ)
+   (``pull="outside"``, see :class:`~dessilbi.DessiLBI`): the units in the support train as
+   SGD-momentum, the others decay, while V ranks them all.
 2. **Threshold from the target.** Every ``update_every`` steps the threshold λ of each penalised
    tensor is set so that the support holds the fraction :func:`support_fraction` of the units,
    ranked by the inverse-scale-space variable V (the order in which units enter Γ's support):
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim import DessiLBI, nu_for_steps, unwrap_optimizer
+from .optim import PULLS, DessiLBI, nu_for_steps, unwrap_optimizer
 from .penalties import get_penalty
 from .units import unit_counts
 
@@ -125,6 +127,10 @@ class SparsityTarget:
             training as SGD would until the support is chosen; Conv-4 on Fashion-MNIST, 30 %
             of units: 89.22 % at 10 time constants, 90.88 % at 2, 91.36 % at 1, 91.38 %
             at 0.5; docs/peers.md).
+        pull: the optimizer's ``pull`` on the penalised groups: ``"outside"`` (default: the
+            coupling decays only the units outside supp(Γ)), ``"all"`` (the paper's
+            iteration), ``None`` (keep the optimizer's). Conv-4 on Fashion-MNIST, seed 0, full
+            budget: 92.55 % against 92.02 % at 50 % of units (docs/peers.md).
         update_every: steps between threshold updates (default: T_s / 200, at least 1).
         coupled: ``{weight: [tensors indexed by the same output units]}`` (the layer's bias, the
             following normalisation layer's weight and bias) zeroed with their dropped units;
@@ -152,6 +158,7 @@ class SparsityTarget:
         min_units: int = 1,
         nu: float | str | None = "auto",
         path_speed: float = 1.0,
+        pull: str | None = "outside",
         update_every: int | None = None,
         coupled: Mapping[Tensor, Sequence[Tensor]] | None = None,
         whole: Sequence[Tensor] = (),
@@ -182,6 +189,8 @@ class SparsityTarget:
             raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"invalid allocation={allocation!r}: choose one of {ALLOCATIONS}")
+        if pull is not None and pull not in PULLS:
+            raise ValueError(f"invalid pull={pull!r}: choose one of {PULLS} or None")
         self.optimizer = opt
         self.params = opt.penalised_params()
         if not self.params:
@@ -210,9 +219,11 @@ class SparsityTarget:
                        or 1.0 for p in self.params]
         if nu == "auto":
             nu = self.auto_nu(path_speed)
-        if nu is not None:
-            for group in self._penalised_groups():
+        for group in self._penalised_groups():
+            if nu is not None:
                 group["nu"] = float(nu)
+            if pull is not None:
+                group["pull"] = pull
         self._set_thresholds(0.0)
 
     # ----------------------------------------------------------------- derived settings

@@ -32,6 +32,7 @@ def dessilbi_update(
     dampening: float,
     nesterov: bool,
     weight_decay: float,
+    pull: str = "all",
     foreach: bool | None = None,
     fused: bool = False,
     compiled_cache: dict[str, Any] | None = None,
@@ -52,6 +53,7 @@ def dessilbi_update(
     hp = dict(
         penalty=penalty, lr=lr, kappa=kappa, nu=nu, lambda_=lambda_, group_norm=group_norm,
         momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+        pull=pull,
     )
     if fused:
         fused_update(params, grads, bufs, vs, cache=compiled_cache, **hp)

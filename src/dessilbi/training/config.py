@@ -50,7 +50,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
-_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer"}
+_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class TargetConfig:
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     keep_first_layer: bool = False  # keep every unit of the layer that reads the input
+    pull: str = "outside"  # the units the coupling pulls W on: outside supp(Γ), or all
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ class TrainConfig:
 
         for f, choices in (("schedule", SCHEDULES), ("amp", AMP_MODES),
                            ("group_norm", ("l2", "rms")), ("conv_penalty", tuple(PENALTIES)),
+                           ("pull", ("outside", "all")),
                            ("linear_penalty", tuple(PENALTIES))):
             if getattr(self, f) not in choices:
                 raise bad(f, f"choose one of {', '.join(choices)}")
