@@ -68,7 +68,8 @@ class Setup:
     allocation: str = "global"  # SparsityTarget's ranking of units across layers
     path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
     whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
-    pull: str = "outside"  # SparsityTarget's pull: the coupling decays units outside supp(Γ)
+    pull: str = "all"  # SparsityTarget's pull; "outside": the coupling decays only the units
+    # outside supp(Γ)
 
 
 @dataclass
@@ -300,9 +301,9 @@ def main() -> None:
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
                     help="SparsityTarget keeps every unit of the first layer")
-    ap.add_argument("--pull", default="outside", choices=PULLS,
-                    help="SparsityTarget's pull: outside supp(Γ) (default) or all (the paper's; "
-                         "the tables before it)")
+    ap.add_argument("--pull", default="all", choices=PULLS,
+                    help="SparsityTarget's pull: all (default, the paper's) or only the units "
+                         "outside supp(Γ)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -83,7 +83,7 @@ class TargetConfig:
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     keep_first_layer: bool = False  # keep every unit of the layer that reads the input
-    pull: str = "outside"  # the units the coupling pulls W on: outside supp(Γ), or all
+    pull: str = "all"  # the units the coupling pulls W on: all, or only outside supp(Γ)
 
 
 @dataclass(frozen=True)
