@@ -171,8 +171,8 @@ class DessiLBI(Optimizer):
             paper's iteration) or ``"outside"`` (only units outside supp(Γ), which it decays by
             (ακ/ν) W a step; units in the support train as SGD-momentum). V and Γ are the same
             path either way. Aimed with :class:`~dessilbi.SparsityTarget`, Conv-4 on
-            Fashion-MNIST at 50 % of units: 92.55 % against 92.02 %; LeNet-5: lower in 8 of
-            11 cells (docs/peers.md).
+            Fashion-MNIST at 50 % of units: 92.55 % against 92.02 %; LeNet-5: lower in 9 of
+            12 cells (docs/peers.md).
         maximize: maximise the objective (the step uses −g), as in ``torch.optim``.
         foreach: ``True``: the multi-tensor (``torch._foreach_*``) kernels; ``False``: the
             per-tensor loop; ``None`` (default): on CUDA the multi-tensor kernels, as

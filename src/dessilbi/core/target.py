@@ -132,7 +132,7 @@ class SparsityTarget:
             iteration), ``None`` (default: keep the optimizer's, ``"all"`` unless it was given
             one). Measured, full budgets, one thread (docs/peers.md): ``"outside"`` gains on
             Conv-4 / Fashion-MNIST (50 % of units, seed 0: 92.55 % against 92.02 %) and loses
-            on LeNet-5 (in 8 of 11 cells; Fashion-MNIST, seed 1, 30 %: 88.67 % against
+            on LeNet-5 (in 9 of 12 cells; Fashion-MNIST, seed 1, 30 %: 88.67 % against
             89.73 %), hence not the default.
         update_every: steps between threshold updates (default: T_s / 200, at least 1).
         coupled: ``{weight: [tensors indexed by the same output units]}`` (the layer's bias, the
