@@ -32,7 +32,6 @@ The optimizer state of a penalised parameter is V (``state["V"]``) and the momen
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,16 +40,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .checks import PULLS, check_grad, check_group, check_params
 from .flat import FlatBucket, bucket_key, eligible, flat_step, worth_bucketing
-from .penalties import PENALTIES, prox
-from .prox import GROUP_NORMS
+from .penalties import prox
 from .update import dessilbi_update
 
 __all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "unwrap_optimizer", "PENALTY_CHOICES",
            "PULLS"]
 
 PENALTY_CHOICES: tuple[str, ...] = ("auto", "lasso", "group", "none")  # built in: PENALTIES
-PULLS: tuple[str, ...] = ("all", "outside")  # the units the coupling pulls W on
 
 
 DEFAULT_NU = 100.0  # the paper's ν, for runs whose length the optimizer is not told
@@ -98,53 +96,6 @@ def resolve_penalty(penalty: str, param: Tensor) -> str:
     if param.ndim >= 2:
         return "group"
     return "none"
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the field for every invalid hyper-parameter of ``group``."""
-
-    def bad(field: str, value: Any, why: str) -> ValueError:
-        return ValueError(f"invalid {field}={value!r}: {why}")
-
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise bad("lr", lr, "a tensor lr must have one element")
-        lr = float(lr)
-    checks = [
-        ("lr", lr, lr >= 0.0 and math.isfinite(lr), "must be a finite number >= 0"),
-        ("kappa", group["kappa"], group["kappa"] > 0.0 and math.isfinite(group["kappa"]),
-         "must be a finite number > 0"),
-        ("nu", group["nu"], group["nu"] > 0.0, "must be > 0 (math.inf disables the coupling)"),
-        ("lambda_", group["lambda_"], group["lambda_"] >= 0.0 and math.isfinite(group["lambda_"]),
-         "must be a finite number >= 0"),
-        ("momentum", group["momentum"], 0.0 <= group["momentum"] < 1.0, "must be in [0, 1)"),
-        ("dampening", group["dampening"], 0.0 <= group["dampening"] <= 1.0, "must be in [0, 1]"),
-        ("weight_decay", group["weight_decay"],
-         group["weight_decay"] >= 0.0 and math.isfinite(group["weight_decay"]),
-         "must be a finite number >= 0"),
-    ]
-    for field, value, ok, why in checks:
-        if isinstance(value, bool) or not ok:  # `not ok` also catches NaN comparisons
-            raise bad(field, value, why)
-    if group["penalty"] != "auto" and group["penalty"] not in PENALTIES:
-        raise bad("penalty", group["penalty"], f"must be one of {('auto', *PENALTIES)}")
-    if group["group_norm"] not in GROUP_NORMS:
-        raise bad("group_norm", group["group_norm"], f"must be one of {GROUP_NORMS}")
-    if group["pull"] not in PULLS:
-        raise bad("pull", group["pull"], f"must be one of {PULLS}")
-    if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
-        raise bad("nesterov", True, "requires momentum > 0 and dampening = 0")
-
-
-def _check_params(params: list[Tensor]) -> None:
-    """Raise for a sparse or complex parameter (after torch's own checks)."""
-    for p in params:
-        if p.is_sparse:
-            raise ValueError("invalid params: DessiLBI does not support sparse parameters")
-        if p.is_complex():
-            raise ValueError("invalid params: DessiLBI does not support complex parameters "
-                             "(optimise torch.view_as_real(p) instead)")
 
 
 class DessiLBI(Optimizer):
@@ -227,7 +178,7 @@ class DessiLBI(Optimizer):
             weight_decay=weight_decay, pull=pull, maximize=maximize, foreach=foreach,
             fused=fused,
         )
-        _check_group(defaults)
+        check_group(defaults)
         if isinstance(params, set):
             raise TypeError("invalid params: a set has no reproducible order; pass a list")
         super().__init__(params, defaults)
@@ -245,8 +196,8 @@ class DessiLBI(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_params(group["params"])
-            _check_group(group)
+            check_params(group["params"])
+            check_group(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -286,7 +237,7 @@ class DessiLBI(Optimizer):
             for p in others:
                 if p.grad is None:
                     continue
-                _check_grad(p.grad)
+                check_grad(p.grad)
                 state = self.state[p]
                 pen = resolve_penalty(group["penalty"], p)
                 if pen != "none" and "V" not in state:
@@ -359,7 +310,7 @@ class DessiLBI(Optimizer):
         buckets: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
         others = []
         for p in with_grad:
-            _check_grad(p.grad)  # type: ignore[arg-type]
+            check_grad(p.grad)  # type: ignore[arg-type]
             pen = resolve_penalty(group["penalty"], p)
             if p.device.type != "cuda" and eligible(p, pen) and p.grad.is_contiguous() \
                     and p.grad.dtype == p.dtype:  # type: ignore[union-attr]
@@ -457,12 +408,6 @@ class DessiLBI(Optimizer):
         if total == 0:
             return 0.0
         return float(sum(int(m.sum()) for m in masks.values())) / total
-
-
-def _check_grad(grad: Tensor) -> None:
-    if grad.is_sparse:
-        raise RuntimeError("DessiLBI does not support sparse gradients; use a dense embedding "
-                           "(sparse=False) or put that parameter in another optimizer")
 
 
 def _flat_default(group: dict[str, Any]) -> bool:

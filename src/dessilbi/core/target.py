@@ -99,6 +99,40 @@ def _units_within_cost(scores: Tensor, sizes: list[int],
     return int((cost(list(rank.split(sizes))) - budget).abs().argmin())
 
 
+def _check_arguments(density: float | None, macs: float | None, cost: object, total_steps: int,
+                     select_at: float, path_speed: float, min_units: int, schedule: str,
+                     allocation: str, pull: str | None) -> None:
+    """Raise ``ValueError`` naming the field for the first invalid argument of
+    :class:`SparsityTarget`."""
+    if (density is None) == (macs is None):
+        raise ValueError("invalid target: give exactly one of density and macs")
+    if macs is not None and cost is None:
+        raise ValueError("invalid cost=None: a MACs target needs the network's cost model "
+                         "(dessilbi.structure.cost.MacsModel.from_model)")
+    if macs is not None and allocation != "global":
+        raise ValueError(f"invalid allocation={allocation!r} with a MACs target: use "
+                         "'global'")
+    aim = ("density", density) if density is not None else ("macs", macs)
+    checks = [
+        (aim[0], aim[1], 0.0 < aim[1] <= 1.0, "must be in (0, 1]"),  # type: ignore[operator]
+        ("total_steps", total_steps, isinstance(total_steps, int) and total_steps > 0,
+         "must be a positive integer"),
+        ("select_at", select_at, 0.0 < select_at <= 1.0, "must be in (0, 1]"),
+        ("path_speed", path_speed, path_speed > 0.0, "must be > 0"),
+        ("min_units", min_units, isinstance(min_units, int) and min_units >= 0,
+         "must be an integer >= 0"),
+    ]
+    for field, value, ok, why in checks:
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"invalid {field}={value!r}: {why}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"invalid allocation={allocation!r}: choose one of {ALLOCATIONS}")
+    if pull is not None and pull not in PULLS:
+        raise ValueError(f"invalid pull={pull!r}: choose one of {PULLS} or None")
+
+
 class SparsityTarget:
     """Steer a :class:`~dessilbi.DessiLBI` run to a target fraction of units kept.
 
@@ -167,33 +201,8 @@ class SparsityTarget:
         whole: Sequence[Tensor] = (),
     ) -> None:
         opt = unwrap_optimizer(optimizer)
-        if (density is None) == (macs is None):
-            raise ValueError("invalid target: give exactly one of density and macs")
-        if macs is not None and cost is None:
-            raise ValueError("invalid cost=None: a MACs target needs the network's cost model "
-                             "(dessilbi.structure.cost.MacsModel.from_model)")
-        if macs is not None and allocation != "global":
-            raise ValueError(f"invalid allocation={allocation!r} with a MACs target: use "
-                             "'global'")
-        aim = ("density", density) if density is not None else ("macs", macs)
-        checks = [
-            (aim[0], aim[1], 0.0 < aim[1] <= 1.0, "must be in (0, 1]"),  # type: ignore[operator]
-            ("total_steps", total_steps, isinstance(total_steps, int) and total_steps > 0,
-             "must be a positive integer"),
-            ("select_at", select_at, 0.0 < select_at <= 1.0, "must be in (0, 1]"),
-            ("path_speed", path_speed, path_speed > 0.0, "must be > 0"),
-            ("min_units", min_units, isinstance(min_units, int) and min_units >= 0,
-             "must be an integer >= 0"),
-        ]
-        for field, value, ok, why in checks:
-            if isinstance(value, bool) or not ok:
-                raise ValueError(f"invalid {field}={value!r}: {why}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"invalid allocation={allocation!r}: choose one of {ALLOCATIONS}")
-        if pull is not None and pull not in PULLS:
-            raise ValueError(f"invalid pull={pull!r}: choose one of {PULLS} or None")
+        _check_arguments(density, macs, cost, total_steps, select_at, path_speed, min_units,
+                         schedule, allocation, pull)
         self.optimizer = opt
         self.params = opt.penalised_params()
         if not self.params:
