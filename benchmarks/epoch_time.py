@@ -5,6 +5,7 @@ machine noise hits both alike; prints the median epoch time of each and the rati
 
     python benchmarks/epoch_time.py [--model lenet3] [--dataset default] [--epochs 5]
     python benchmarks/epoch_time.py --model lenet5 --lr 0.05 --epochs 6 --target-density 0.3
+    python benchmarks/epoch_time.py --model lenet5 --lr 0.05 --target-density 0.3 --pull outside
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--target-density", type=float, default=None,
                     help="steer DessiLBI with SparsityTarget (select then train)")
+    ap.add_argument("--pull", default="all", choices=("all", "outside"),
+                    help="with --target-density: the units the coupling pulls W on")
     args = ap.parse_args()
     runs = {}
     for opt in ("sgd-momentum", "dessilbi"):
         lbi = opt == "dessilbi"
         cfg = TrainConfig(model=args.model, dataset=args.dataset, optimizer=opt, nu=args.nu,
                           batch_size=args.batch_size, fused=args.fused and lbi, lr=args.lr,
-                          epochs=args.epochs, target_density=args.target_density if lbi else None)
+                          epochs=args.epochs, target_density=args.target_density if lbi else None,
+                          pull=args.pull)
         runs[opt] = build(cfg)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for epoch in range(args.epochs):
