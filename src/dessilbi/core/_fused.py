@@ -64,12 +64,12 @@ def _update(
         if penalty == "lasso":
             clipped = torch.clamp(v, min=-lam, max=lam)
             gam = (v - clipped) * kappa
-            idle = v == clipped
         else:
             gam = v * scales[i]
-            idle = scales[i] == 0
         diff = w - gam
-        pulled = diff * idle if pull_outside else diff
+        pulled = diff
+        if pull_outside:  # 1[Γ = 0]: |V| ≤ λ per entry (lasso), a zero shrink per filter (group)
+            pulled = diff * ((v == clipped) if penalty == "lasso" else (scales[i] == 0))
         v.copy_(v + diff * (lr * nu_inv))
         w.copy_(w - lr * kappa * (d + pulled * nu_inv))
 
