@@ -50,6 +50,8 @@ from dessilbi.training.batches import epoch_indices
 from dessilbi.zoo.data import load_dataset
 from dessilbi.zoo.models import create_model
 
+CONV_OUTSIDE = "conv-outside"  # pull="outside" on the conv group, "all" on the linear one
+
 log = logging.getLogger("peers")
 METHODS = ("dense", "dessilbi", "dessilbi-path", "oto", "dessilbi-macs", "tp-reg", "tp-mag",
            "tp-mag-ft")
@@ -69,7 +71,7 @@ class Setup:
     path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
     whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
     pull: str = "all"  # SparsityTarget's pull; "outside": the coupling decays only the units
-    # outside supp(Γ)
+    # outside supp(Γ); "conv-outside": "outside" on the convolutions, "all" on linear layers
 
 
 @dataclass
@@ -169,14 +171,16 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
     model = fresh(setup, init)
     example = data.x_test[:2]
     head = classifier_of(model, example)
-    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]),
+    per_kind = setup.pull == CONV_OUTSIDE  # the pull set per group, kept by the controller
+    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head],
+                                    conv_options={"pull": "outside"} if per_kind else None),
                    lr=setup.lr, momentum=0.9)
     cost = None if macs is None else MacsModel.from_model(model, example,
                                                           opt.penalised_params())
     ctl = SparsityTarget(opt, None if macs is not None else target,
                          setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
-                         path_speed=setup.path_speed, pull=setup.pull,
+                         path_speed=setup.path_speed, pull=None if per_kind else setup.pull,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else ())
     seconds = train(setup, data, model, opt, after_step=ctl.step)
@@ -301,9 +305,9 @@ def main() -> None:
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
                     help="SparsityTarget keeps every unit of the first layer")
-    ap.add_argument("--pull", default="all", choices=PULLS,
-                    help="SparsityTarget's pull: all (default, the paper's) or only the units "
-                         "outside supp(Γ)")
+    ap.add_argument("--pull", default="all", choices=(*PULLS, CONV_OUTSIDE),
+                    help="SparsityTarget's pull: all (default, the paper's), only the units "
+                         "outside supp(Γ), or that on the convolutions only (conv-outside)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
