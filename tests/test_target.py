@@ -117,6 +117,24 @@ def test_the_pull_on_the_penalised_groups(pull):
         assert group["pull"] == (pull or "all" if mine else "all")
 
 
+def test_pull_none_keeps_a_pull_set_per_group():
+    """The recipe of docs/choosing.md: "outside" on the convolutions only, set through
+    lbi_param_groups, survives the target and its steps when the target's pull is None."""
+    model = conv_net()
+    example = torch.zeros(2, 1, 8, 8)
+    opt = DessiLBI(lbi_param_groups(model, example_inputs=example,
+                                    conv_options={"pull": "outside"}), lr=0.05)
+    target = SparsityTarget(opt, 0.5, 6, pull=None)
+    for _ in range(6):
+        opt.zero_grad()
+        model(example).sum().backward()
+        opt.step()
+        target.step()
+    pulls = {g["name"]: g["pull"] for g in opt.param_groups}
+    assert pulls["conv"] == "outside"
+    assert pulls["linear"] == "all"
+
+
 def test_an_optimizer_state_saved_before_pull_existed_loads_as_the_papers_iteration():
     model = conv_net()
     opt, _ = setup(model, 0.5, 10, torch.zeros(1, 1, 8, 8))
