@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from dessilbi.core.checks import PULLS
+from dessilbi.core.target import TARGET_PULLS
 from dessilbi.training.batches import batches as _batches
 from dessilbi.training.batches import epoch_indices
 from dessilbi.training.build import build
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--target-density", type=float, default=None,
                     help="steer DessiLBI with SparsityTarget (select then train)")
-    ap.add_argument("--pull", default="all", choices=PULLS,
+    ap.add_argument("--pull", default="all", choices=TARGET_PULLS,
                     help="with --target-density: the units the coupling pulls W on")
     args = ap.parse_args()
     runs = {}

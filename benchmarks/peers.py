@@ -40,8 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.core.optim import PULLS
-from dessilbi.core.target import ALLOCATIONS, SparsityTarget
+from dessilbi.core.target import ALLOCATIONS, TARGET_PULLS, SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters, stem_of
 from dessilbi.sparsity.masks import Mask
 from dessilbi.structure.cost import MacsModel
@@ -49,8 +48,6 @@ from dessilbi.structure.prune import count_cost, prune_model
 from dessilbi.training.batches import epoch_indices
 from dessilbi.zoo.data import load_dataset
 from dessilbi.zoo.models import create_model
-
-CONV_OUTSIDE = "conv-outside"  # pull="outside" on the conv group, "all" on the linear one
 
 log = logging.getLogger("peers")
 METHODS = ("dense", "dessilbi", "dessilbi-path", "oto", "dessilbi-macs", "tp-reg", "tp-mag",
@@ -171,16 +168,14 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
     model = fresh(setup, init)
     example = data.x_test[:2]
     head = classifier_of(model, example)
-    per_kind = setup.pull == CONV_OUTSIDE  # the pull set per group, kept by the controller
-    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head],
-                                    conv_options={"pull": "outside"} if per_kind else None),
+    opt = DessiLBI(lbi_param_groups(model, linear_penalty="group", exclude=[head]),
                    lr=setup.lr, momentum=0.9)
     cost = None if macs is None else MacsModel.from_model(model, example,
                                                           opt.penalised_params())
     ctl = SparsityTarget(opt, None if macs is not None else target,
                          setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
-                         path_speed=setup.path_speed, pull=None if per_kind else setup.pull,
+                         path_speed=setup.path_speed, pull=setup.pull,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else ())
     seconds = train(setup, data, model, opt, after_step=ctl.step)
@@ -305,7 +300,7 @@ def main() -> None:
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
                     help="SparsityTarget keeps every unit of the first layer")
-    ap.add_argument("--pull", default="all", choices=(*PULLS, CONV_OUTSIDE),
+    ap.add_argument("--pull", default="all", choices=TARGET_PULLS,
                     help="SparsityTarget's pull: all (default, the paper's), only the units "
                          "outside supp(Γ), or that on the convolutions only (conv-outside)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")

@@ -94,3 +94,14 @@ def test_the_two_config_files_of_the_cli_page_are_one_configuration():
     flat, nested = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, re.S)[:2]]
     assert "optim" in nested and "optim" not in flat
     assert TrainConfig.from_dict(flat) == TrainConfig.from_dict(nested)
+
+
+def test_the_configs_pulls_are_the_targets():
+    """The config checks its pull without importing torch; its list is the target's."""
+    from dessilbi.core.target import TARGET_PULLS
+
+    base = dict(target_density=0.5, linear_penalty="group")
+    for pull in TARGET_PULLS:
+        TrainConfig(**base, pull=pull).validate()
+    with pytest.raises(ConfigError, match="invalid pull='inside'"):
+        TrainConfig(**base, pull="inside").validate()

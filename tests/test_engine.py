@@ -353,16 +353,17 @@ def test_the_first_layer_is_kept_whole_unless_asked_not_to(tmp_path, keep):
         ([True] if keep else [])
 
 
-@pytest.mark.parametrize("pull", ["outside", "all"])
+@pytest.mark.parametrize("pull", ["outside", "all", "conv-outside"])
 def test_the_targets_pull_reaches_the_optimizer(tmp_path, pull):
     from dessilbi.training.build import build
 
     b = build(cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
                   keep_classifier=True, pull=pull))
     penalised = {id(p) for p in b.optimizer.penalised_params()}
-    pulls = {g["pull"] for g in b.optimizer.param_groups
+    pulls = {g["name"]: g["pull"] for g in b.optimizer.param_groups
              if any(id(p) in penalised for p in g["params"])}
-    assert pulls == {pull}
+    conv = "outside" if pull == "conv-outside" else pull
+    assert pulls == {"conv": conv, "linear": "all" if pull == "conv-outside" else pull}
 
 
 def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from dessilbi import (
     lbi_param_groups,
     support_fraction,
 )
-from dessilbi.core.target import unit_norms
+from dessilbi.core.target import group_pull, unit_norms
 from dessilbi.core.units import stem_of
 from dessilbi.zoo.models import create_model
 
@@ -133,6 +133,33 @@ def test_pull_none_keeps_a_pull_set_per_group():
     pulls = {g["name"]: g["pull"] for g in opt.param_groups}
     assert pulls["conv"] == "outside"
     assert pulls["linear"] == "all"
+
+
+def test_conv_outside_spares_the_filters_and_pulls_the_neurons():
+    """pull="conv-outside" sets "outside" on the conv group and "all" on the linear group,
+    and trains bit for bit as the per-group recipe of docs/choosing.md."""
+    example = torch.zeros(2, 1, 8, 8)
+    finals, pulls = [], []
+    for recipe in ("target", "per-group"):
+        model = conv_net()
+        conv_options = {"pull": "outside"} if recipe == "per-group" else None
+        opt = DessiLBI(lbi_param_groups(model, example_inputs=example,
+                                        conv_options=conv_options), lr=0.05)
+        target = SparsityTarget(opt, 0.5, 6, pull="conv-outside" if recipe == "target" else None)
+        run(model, opt, target, data(6))
+        pulls.append({g["name"]: g["pull"] for g in opt.param_groups})
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert pulls[0] == pulls[1] and pulls[0]["conv"] == "outside" and pulls[0]["linear"] == "all"
+    assert torch.equal(finals[0], finals[1])
+
+
+def test_group_pull_is_outside_only_on_groups_of_filters():
+    filters, rows = torch.zeros(4, 3, 3, 3), torch.zeros(4, 8)
+    assert group_pull("conv-outside", [filters, filters]) == "outside"
+    assert group_pull("conv-outside", [filters, rows]) == "all"  # a mixed group: the paper's
+    assert group_pull("conv-outside", []) == "all"
+    assert group_pull("outside", [rows]) == "outside"
+    assert group_pull("all", [filters]) == "all"
 
 
 def test_an_optimizer_state_saved_before_pull_existed_loads_as_the_papers_iteration():

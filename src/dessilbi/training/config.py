@@ -83,7 +83,7 @@ class TargetConfig:
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     keep_first_layer: bool = False  # keep every unit of the layer that reads the input
-    pull: str = "all"  # the units the coupling pulls W on: all, or only outside supp(Γ)
+    pull: str = "all"  # the units the coupling pulls W on: all, outside supp(Γ), or that on convs
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ class TrainConfig:
 
         for f, choices in (("schedule", SCHEDULES), ("amp", AMP_MODES),
                            ("group_norm", ("l2", "rms")), ("conv_penalty", tuple(PENALTIES)),
-                           ("pull", ("outside", "all")),
+                           ("pull", ("all", "outside", "conv-outside")),
                            ("linear_penalty", tuple(PENALTIES))):
             if getattr(self, f) not in choices:
                 raise bad(f, f"choose one of {', '.join(choices)}")
