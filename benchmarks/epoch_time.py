@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--target-density", type=float, default=None,
                     help="steer DessiLBI with SparsityTarget (select then train)")
-    ap.add_argument("--pull", default="all", choices=TARGET_PULLS,
+    ap.add_argument("--pull", default="conv-outside", choices=TARGET_PULLS,
                     help="with --target-density: the units the coupling pulls W on")
     ap.add_argument("--max-batches", type=int, default=0,
                     help="time the first N batches of each epoch (0: whole epochs)")

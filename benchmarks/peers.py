@@ -67,8 +67,8 @@ class Setup:
     allocation: str = "global"  # SparsityTarget's ranking of units across layers
     path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
     whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
-    pull: str = "all"  # SparsityTarget's pull; "outside": the coupling decays only the units
-    # outside supp(Γ); "conv-outside": "outside" on the convolutions, "all" on linear layers
+    pull: str = "conv-outside"  # SparsityTarget's pull ("outside" on the convolutions, "all" on
+    # the linear layers); "outside": on every layer; "all": the paper's (the rows before 12-03)
 
 
 @dataclass
@@ -300,9 +300,10 @@ def main() -> None:
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
                     help="SparsityTarget keeps every unit of the first layer")
-    ap.add_argument("--pull", default="all", choices=TARGET_PULLS,
-                    help="SparsityTarget's pull: all (default, the paper's), only the units "
-                         "outside supp(Γ), or that on the convolutions only (conv-outside)")
+    ap.add_argument("--pull", default="conv-outside", choices=TARGET_PULLS,
+                    help="SparsityTarget's pull: only the units outside supp(Γ) on the "
+                         "convolutions (conv-outside, the default), on every layer (outside), "
+                         "or all (the paper's; the rows written before 2026-12-03)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -14,7 +14,7 @@ NAMED_BEFORE = [
     (dict(dataset="digits", epochs=3, lr=0.05),
      "digits_lenet3_dessilbi_k1_nuauto_lam1_lr0.05_e3_s0_3823b232", "ee0aab3f"),
     (dict(dataset="fashion-mnist", model="conv4", target_density=0.3, milestones=[3, 5],
-          schedule="multistep"),
+          schedule="multistep", pull="all"),  # the default pull when it was named
      "fashion-mnist_conv4_dessilbi_units0.3_lr0.1_e20_s0_ceb8e238", "85304f6b"),
     (dict(dataset="mnist", optimizer="sgd", exclude=["fc"]),
      "mnist_lenet3_sgd_lr0.1_e20_s0_7b24d7b8", "7dd94ff0"),
@@ -33,6 +33,21 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     base = TrainConfig(dataset="digits", epochs=3, lr=0.05)
     assert base.replace(final_lr=0.1).run_name() == base.run_name()  # final_lr came later
     assert base.replace(final_lr=0.2).run_name() != base.run_name()
+
+
+def test_a_changed_default_names_new_runs_and_keeps_the_old_names():
+    """pull's default went from "all" to "conv-outside": a run aimed with the new default
+    computes something else and gets a name of its own; "all" keeps the names it gave; without
+    a target the pull computes nothing and names nothing."""
+    aimed = TrainConfig(dataset="fashion-mnist", model="conv4", target_density=0.3)
+    assert aimed.pull == "conv-outside"
+    assert aimed.run_name() != aimed.replace(pull="all").run_name()
+    assert aimed.replace(pull="all").run_name() == \
+        "fashion-mnist_conv4_dessilbi_units0.3_lr0.1_e20_s0_15f3bdb9"  # before the change
+    plain = TrainConfig(dataset="digits", epochs=3, lr=0.05)
+    assert {plain.replace(pull=p).run_name() for p in ("all", "conv-outside")} == \
+        {plain.run_name()}
+    assert plain.replace(pull="outside").run_name() != plain.run_name()
 
 
 def test_sections_and_flat_keys_are_one_configuration():

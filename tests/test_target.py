@@ -153,6 +153,14 @@ def test_conv_outside_spares_the_filters_and_pulls_the_neurons():
     assert torch.equal(finals[0], finals[1])
 
 
+def test_the_default_pull_spares_the_filters_only():
+    model = conv_net()
+    opt = DessiLBI(lbi_param_groups(model, example_inputs=torch.zeros(1, 1, 8, 8)), lr=0.05)
+    SparsityTarget(opt, 0.5, 10)
+    assert {g["name"]: g["pull"] for g in opt.param_groups} == \
+        {"conv": "outside", "linear": "all", "no_decay": "all", "other": "all"}
+
+
 def test_group_pull_is_outside_only_on_groups_of_filters():
     filters, rows = torch.zeros(4, 3, 3, 3), torch.zeros(4, 8)
     assert group_pull("conv-outside", [filters, filters]) == "outside"

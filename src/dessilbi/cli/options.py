@@ -63,9 +63,9 @@ _HELP = {
               "the rest of the run (--no-freeze: the pure path)",
     "keep_first_layer": "with a target: keep every filter / neuron of the first layer (it "
                         "reads the input; its units are counted in the target)",
-    "pull": "with a target: all (default, the paper's iteration), outside (the coupling "
-            "decays only the units outside supp(Γ), those inside train as SGD) or conv-outside "
-            "(outside on the convolutions, all on the linear layers)",
+    "pull": "with a target: conv-outside (default: the coupling decays only the filters "
+            "outside supp(Γ), those inside train as SGD; it pulls every linear neuron), all "
+            "(the paper's iteration) or outside (the units outside supp(Γ) in every layer)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

@@ -51,6 +51,9 @@ _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
 _NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull"}
+# Defaults changed since runs were named: with a target, the former default keeps the names it
+# gave and the new one names runs of its own; without a target the pull computes nothing.
+_FORMER_DEFAULTS = {"pull": "all"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class TargetConfig:
     select_at: float = 0.5  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     keep_first_layer: bool = False  # keep every unit of the layer that reads the input
-    pull: str = "all"  # the units the coupling pulls W on: all, outside supp(Γ), or that on convs
+    pull: str = "conv-outside"  # the units the coupling pulls W on: all, outside supp(Γ), or
+    # outside supp(Γ) on the convolutions and all on the linear layers
 
 
 @dataclass(frozen=True)
@@ -320,17 +324,25 @@ class TrainConfig:
         defaults (a new option leaves every existing name as it is, as open_lth's run ids do);
         an init or mask file counts by its content, not its path (a moved run keeps its name)."""
         items = {k: v for k, v in self.to_dict().items()
-                 if k not in _NOT_HASHED and v != _FLAT[k].default}
+                 if k not in _NOT_HASHED and not self._names_nothing(k, v)}
         for k in ("init_from", "mask"):
             if items.get(k) and Path(items[k]).is_file():
                 items[k] = "sha256:" + _file_digest(Path(items[k]))
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
+    def _names_nothing(self, key: str, value: Any) -> bool:
+        """Whether ``value`` of ``key`` is a default, left out of the run's name."""
+        if key not in _FORMER_DEFAULTS:
+            return bool(value == _FLAT[key].default)
+        if self.target_density is None and self.target_macs is None:
+            return value in (_FORMER_DEFAULTS[key], _FLAT[key].default)
+        return bool(value == _FORMER_DEFAULTS[key])
+
     def legacy_config_hash(self) -> str:
         """The hash of releases before 0.2 (every field those releases had, files by path):
         finds older folders (the run records committed in docs/results carry such names)."""
         items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED
-                 and not (k in _NOT_LEGACY and v == _FLAT[k].default)}
+                 and not (k in _NOT_LEGACY and self._names_nothing(k, v))}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self, legacy: bool = False) -> str:
