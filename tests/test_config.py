@@ -120,3 +120,12 @@ def test_the_configs_pulls_are_the_targets():
         TrainConfig(**base, pull=pull).validate()
     with pytest.raises(ConfigError, match="invalid pull='inside'"):
         TrainConfig(**base, pull="inside").validate()
+
+
+def test_a_stored_config_without_a_later_key_reads_as_its_release_wrote_it():
+    """A checkpoint written before ``pull`` existed ran the paper's pull on every unit."""
+    stored = TrainConfig(target_density=0.3, pull="all").to_dict()
+    del stored["pull"]
+    assert TrainConfig.from_stored(stored).pull == "all"
+    assert TrainConfig.from_dict(stored).pull == "conv-outside"  # a config file: today's default
+    assert TrainConfig.from_stored({**stored, "pull": "outside"}).pull == "outside"

@@ -203,6 +203,12 @@ class TrainConfig:
         return type(self)(**{**self.to_dict(), **values})
 
     @classmethod
+    def from_stored(cls, data: dict[str, Any], source: str = "checkpoint") -> TrainConfig:
+        """The configuration a run folder stored: a key it lacks was not an option yet, so it
+        takes the default of the release that wrote it (``pull``: ``"all"``)."""
+        return cls.from_dict({**_FORMER_DEFAULTS, **data}, source=source)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping of flat keys and / or sections (``optim: {lr: 0.05}``),
         rejecting unknown keys (``-`` and ``_`` are interchangeable, ``lambda`` is ``lambda_``)."""

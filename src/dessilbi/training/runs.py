@@ -115,7 +115,7 @@ def open_run(path: str | Path) -> Run:
         ck = load_checkpoint(ck_path)
     if "config" not in ck or "model" not in ck:
         raise CheckpointError(f"{ck_path} is not a dessilbi training checkpoint")
-    cfg = TrainConfig.from_dict(ck["config"], source=str(ck_path))
+    cfg = TrainConfig.from_stored(ck["config"], source=str(ck_path))
     return Run(run_dir, ck_path, cfg, read_metrics(run_dir), ck)
 
 
