@@ -118,7 +118,7 @@ def test_the_pull_on_the_penalised_groups(pull):
 
 
 def test_pull_none_keeps_a_pull_set_per_group():
-    """The recipe of docs/choosing.md: "outside" on the convolutions only, set through
+    """The per-group recipe of docs/peers.md: "outside" on the convolutions only, set through
     lbi_param_groups, survives the target and its steps when the target's pull is None."""
     model = conv_net()
     example = torch.zeros(2, 1, 8, 8)
@@ -137,7 +137,7 @@ def test_pull_none_keeps_a_pull_set_per_group():
 
 def test_conv_outside_spares_the_filters_and_pulls_the_neurons():
     """pull="conv-outside" sets "outside" on the conv group and "all" on the linear group,
-    and trains bit for bit as the per-group recipe of docs/choosing.md."""
+    and trains bit for bit as the per-group recipe of docs/peers.md."""
     example = torch.zeros(2, 1, 8, 8)
     finals, pulls = [], []
     for recipe in ("target", "per-group"):
