@@ -54,3 +54,35 @@ def test_the_previous_file_is_kept_and_no_temporary_left(tmp_path):
     assert int(load_checkpoint(path)["v"]) == 2
     assert int(load_checkpoint(tmp_path / "c.pt.prev")["v"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.prev"]
+
+
+def test_ctrl_c_inside_a_write_is_a_keyboard_interrupt_and_the_old_file_stays(tmp_path,
+                                                                               monkeypatch):
+    """torch's zip writer turns an interrupt raised inside ``write`` into ``RuntimeError:
+    unexpected pos``; the save reports the interrupt, keeps the previous file and leaves no
+    temporary behind."""
+    import dessilbi.files as files
+
+    path = tmp_path / "c.pt"
+    save_checkpoint({"x": torch.zeros(3)}, path)
+    real_save = torch.save
+
+    class InterruptedFile:  # the third write is hit by Ctrl-C
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    monkeypatch.setattr(files.torch, "save", lambda obj, f: real_save(obj, InterruptedFile(f)))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"x": torch.ones(1000), "y": torch.ones(500)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["x"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]

@@ -11,11 +11,13 @@ A leaf: imports nothing of dessilbi, so every layer may use it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -36,11 +38,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     if path.is_dir():  # never move or replace a user's folder
         raise ValueError(f"invalid output {path}: it is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
+    with _durable_temporary(path, "wb") as (tmp, f):
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
     if path.exists():
         _replace_with_copy(path, path.with_name(path.name + ".prev"))
     os.replace(tmp, path)
@@ -51,11 +50,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` so that a reader sees the old or the new file, never a part."""
     path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
+    with _durable_temporary(path, "w") as (tmp, f):
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
@@ -73,6 +69,36 @@ def load_with_fallback(path: str | os.PathLike[str], map_location: Any = "cpu",
         if not prev.is_file():
             raise
         return load_checkpoint(prev, map_location), prev
+
+
+@contextlib.contextmanager
+def _durable_temporary(path: Path, mode: str) -> Iterator[tuple[Path, IO[Any]]]:
+    """The per-process temporary file for ``path``, open in ``mode``: flushed to disk when the
+    block ends, deleted when it fails (a Ctrl-C included, which it re-raises as such)."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield tmp, f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        raise _interrupt_behind(e) from None
+
+
+def _interrupt_behind(e: BaseException) -> BaseException:
+    """The Ctrl-C (or ``SystemExit``) that caused ``e``, else ``e``.
+
+    torch's zip writer calls the file's ``write`` from C++; an interrupt raised inside one leaves
+    the writer's position off, and its cleanup then raises ``RuntimeError: unexpected pos`` with
+    the interrupt only as ``__context__``. The caller asked to stop, not about zip offsets.
+    """
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            return cause
+        cause = cause.__context__
+    return e
 
 
 def _tmp_name(path: Path) -> Path:
