@@ -86,3 +86,19 @@ def test_ctrl_c_inside_a_write_is_a_keyboard_interrupt_and_the_old_file_stays(tm
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["x"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_an_interrupted_text_write_keeps_the_old_text(tmp_path, monkeypatch):
+    import dessilbi.files as files
+
+    path = tmp_path / "metrics.jsonl"
+    files.write_text_atomic(path, "old\n")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_text_atomic(path, "new\n" * 1000)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

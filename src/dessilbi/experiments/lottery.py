@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..files import load_checkpoint
+from ..files import load_checkpoint, write_text_atomic
 from ..sparsity.masks import Mask
 from ..training.config import TrainConfig
 from ..training.rundir import RunDir
@@ -117,7 +117,8 @@ def lottery(source_dir: Path, ticket: Mask, epoch: int, base: TrainConfig, seed:
         mask, s = imp(base, list(ticket.masks), ticket.density(), imp_rounds, folder)
         records.append({**_record("imp", mask.density(), s), "rounds": imp_rounds})
     records.append(_record("dense", 1.0, retrain(base, "dense", None, folder)))
-    (folder / LOTTERY_FILE).write_text(json.dumps(
+    # atomic: a reproduction takes the file's presence for a finished branch
+    write_text_atomic(folder / LOTTERY_FILE, json.dumps(
         {"epoch": epoch, "source": str(source_dir), "seed": seed, "imp_rounds": imp_rounds,
          "retrain": base.to_dict(), "records": records}, indent=2))
     return LotteryResult(folder, records)

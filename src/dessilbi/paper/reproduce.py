@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
 from ..training.config import ConfigError, TrainConfig, load_config_file
 from ..training.rundir import RunDir
 
@@ -218,4 +219,4 @@ def _run_cost(spec: TableSpec, b: dict[str, Any], runs_dir: str,
                           image=tuple(opts.get("image", (1, 28))))
     out = Path(runs_dir) / "cost"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{budget_name(spec, b)}.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / f"{budget_name(spec, b)}.json", json.dumps(result, indent=2))

@@ -19,7 +19,7 @@ from ..core.optim import DessiLBI
 from ..core.target import SparsityTarget
 from ..core.units import unit_density
 from ..errors import NonFiniteLossError
-from ..files import load_checkpoint, load_with_fallback, save_checkpoint
+from ..files import load_checkpoint, load_with_fallback, save_checkpoint, write_text_atomic
 from ..sparsity.masks import (
     EntryTracker,
     Mask,
@@ -163,7 +163,7 @@ class MetricsFile:
         path = loop.files.metrics
         if loop.dist.main and path.exists():
             keep = [m for m in loop.files.read_metrics() if m.get("epoch", 0) <= loop.epoch]
-            path.write_text("".join(json.dumps(m) + "\n" for m in keep))
+            write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in keep))
 
     def on_epoch_end(self, loop: Loop, m: dict[str, Any]) -> None:
         if not loop.dist.main:
