@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.core.target import ALLOCATIONS, TARGET_PULLS, SparsityTarget
+from dessilbi.core.target import ALLOCATIONS, SCHEDULES, TARGET_PULLS, SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters, stem_of
 from dessilbi.sparsity.masks import Mask
 from dessilbi.structure.cost import MacsModel
@@ -69,6 +69,8 @@ class Setup:
     whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
     pull: str = "conv-outside"  # SparsityTarget's pull ("outside" on the convolutions, "all" on
     # the linear layers); "outside": on every layer; "all": the paper's (the rows before 12-03)
+    select_at: float = 0.5  # SparsityTarget's selection step, as a fraction of the run
+    support: str = "grow"  # SparsityTarget's schedule of the support: grow (0 → D) or shrink
 
 
 @dataclass
@@ -176,6 +178,7 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          setup.epochs * steps_per_epoch(setup, data), macs=macs, cost=cost,
                          freeze=freeze, allocation=setup.allocation,
                          path_speed=setup.path_speed, pull=setup.pull,
+                         select_at=setup.select_at, schedule=setup.support,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else ())
     seconds = train(setup, data, model, opt, after_step=ctl.step)
@@ -304,6 +307,11 @@ def main() -> None:
                     help="SparsityTarget's pull: only the units outside supp(Γ) on the "
                          "convolutions (conv-outside, the default), on every layer (outside), "
                          "or all (the paper's; the rows written before 2026-12-03)")
+    ap.add_argument("--select-at", type=float, default=0.5,
+                    help="SparsityTarget's selection step, as a fraction of the run")
+    ap.add_argument("--support", default="grow", choices=SCHEDULES,
+                    help="SparsityTarget's schedule of the support: grow (0 → D, the default) "
+                         "or shrink (1 → D, cubic)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -312,7 +320,7 @@ def main() -> None:
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
-                      args.whole_first, args.pull)
+                      args.whole_first, args.pull, args.select_at, args.support)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())
