@@ -125,8 +125,10 @@ def units(model: nn.Module, classifier_name: str) -> int:
 def train(setup: Setup, data: Data, model: nn.Module, opt: torch.optim.Optimizer,
           after_backward: Callable[[], None] = lambda: None,
           after_step: Callable[[], None] = lambda: None, epochs: int | None = None,
-          first_epoch: int = 0) -> float:
-    """Train with the shared schedule; returns the median epoch time."""
+          first_epoch: int = 0, after_epoch: Callable[[int], None] = lambda epoch: None,
+          ) -> float:
+    """Train with the shared schedule; returns the median epoch time (``after_epoch`` runs
+    outside the timed part)."""
     epochs = setup.epochs if epochs is None else epochs
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, [max(1, round(0.5 * epochs)), max(1, round(0.8 * epochs))], 0.1)
@@ -143,6 +145,7 @@ def train(setup: Setup, data: Data, model: nn.Module, opt: torch.optim.Optimizer
             after_step()
         times.append(time.perf_counter() - t0)
         sched.step()
+        after_epoch(epoch)
     return sorted(times)[len(times) // 2]
 
 
@@ -164,9 +167,10 @@ def run_dense(setup: Setup, data: Data, init: dict[str, Tensor],
 
 
 def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
-                 freeze: bool = True, macs: float | None = None,
+                 freeze: bool = True, macs: float | None = None, trace: Path | None = None,
                  **_: Any) -> tuple[nn.Module, float]:
-    """Aimed at ``target`` units, or at ``macs`` (a fraction of the dense MACs) when given."""
+    """Aimed at ``target`` units, or at ``macs`` (a fraction of the dense MACs) when given;
+    with ``trace``, a line per epoch there (:func:`trace_epoch`)."""
     model = fresh(setup, init)
     example = data.x_test[:2]
     head = classifier_of(model, example)
@@ -181,9 +185,28 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          select_at=setup.select_at, schedule=setup.support,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else ())
-    seconds = train(setup, data, model, opt, after_step=ctl.step)
+    def after_epoch(epoch: int) -> None:
+        if trace is not None:
+            method = "dessilbi-macs" if macs is not None else \
+                "dessilbi" if freeze else "dessilbi-path"
+            write(trace, {**asdict(setup), "method": method, "target": target,
+                          **trace_epoch(model, opt, data, epoch, ctl.frozen)})
+
+    seconds = train(setup, data, model, opt, after_step=ctl.step, after_epoch=after_epoch)
     pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
     return pruned, seconds
+
+
+def trace_epoch(model: nn.Module, opt: DessiLBI, data: Data, epoch: int,
+                frozen: bool) -> dict[str, Any]:
+    """Where a run stands after ``epoch``: the accuracy of the whole network (``full``) and of
+    the network pruned to supp(Γ) (``pruned``), and the units each layer keeps."""
+    example = data.x_test[:2]
+    head = classifier_of(model, example)
+    pruned = prune_model(copy.deepcopy(model), Mask.from_optimizer(model, opt), example).model
+    name = {id(m): n for n, m in model.named_modules()}[id(head)]
+    return {"epoch": epoch, "full": accuracy(model, data), "pruned": accuracy(pruned, data),
+            "layer_units": layer_units(pruned, name), "frozen": frozen}
 
 
 def run_oto(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
@@ -260,11 +283,12 @@ def oto_shims() -> Any:
 # ----------------------------------------------------------------------------- driver
 def measure(setup: Setup, data: Data, method: str, target: float, init: dict[str, Tensor],
             dense: nn.Module, dense_cost: tuple[int, int], dense_units: int,
-            dense_seconds: float, oto_macs: float | None = None) -> dict[str, Any]:
+            dense_seconds: float, oto_macs: float | None = None,
+            trace: Path | None = None) -> dict[str, Any]:
     base = method.removesuffix("-path").removesuffix("-ft").removesuffix("-macs")
     runner = {"dense": run_dense, "dessilbi": run_dessilbi, "oto": run_oto,
               "tp-reg": run_tp_reg, "tp-mag": run_tp_mag}[base]
-    kwargs: dict[str, Any] = {"target": target, "dense": dense}
+    kwargs: dict[str, Any] = {"target": target, "dense": dense, "trace": trace}
     if method == "dessilbi-path":
         kwargs["freeze"] = False
     if method == "dessilbi-macs":  # compute-matched: the MACs OTO kept at this target
@@ -313,6 +337,8 @@ def main() -> None:
                     help="SparsityTarget's schedule of the support: grow (0 → D, the default) "
                          "or shrink (1 → D, cubic)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
+    ap.add_argument("--trace", type=Path, help="JSON lines, appended: after every epoch of a "
+                    "dessilbi run, the accuracy of the whole and of the pruned network")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("torch_pruning").setLevel(logging.WARNING)
@@ -337,15 +363,16 @@ def main() -> None:
             for method in sorted(args.methods, key=METHODS.index):
                 if method != "dense":
                     row = measure(setup, data, method, target, init, dense, cost, dense_units,
-                                  dense_seconds, oto_macs)
+                                  dense_seconds, oto_macs, args.trace)
                     write(args.out, row)
                     oto_macs = row["macs"] if method == "oto" else oto_macs
 
 
 def write(path: Path, row: dict[str, Any]) -> None:
     """Append one result line at once, so an interrupted benchmark keeps what it measured."""
-    log.info("%s", {k: row[k] for k in ("method", "target", "accuracy", "units", "macs",
-                                        "epoch_time_ratio")})
+    log.info("%s", {k: row[k] for k in ("method", "target", "epoch", "accuracy", "full",
+                                        "pruned", "units", "macs", "epoch_time_ratio")
+                    if k in row})
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
