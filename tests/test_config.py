@@ -122,6 +122,19 @@ def test_the_configs_pulls_are_the_targets():
         TrainConfig(**base, pull="inside").validate()
 
 
+def test_the_configs_supports_are_the_targets_schedules():
+    from dessilbi.core.target import SCHEDULES
+
+    base = dict(target_density=0.5, linear_penalty="group")
+    for support in SCHEDULES:
+        TrainConfig(**base, support=support).validate()
+    with pytest.raises(ConfigError, match="invalid support='fast'"):
+        TrainConfig(**base, support="fast").validate()
+    aimed = TrainConfig(**base)
+    assert aimed.replace(support="grow").run_name() == aimed.run_name()  # the default
+    assert aimed.replace(support="shrink").run_name() != aimed.run_name()
+
+
 def test_a_stored_config_without_a_later_key_reads_as_its_release_wrote_it():
     """A checkpoint written before ``pull`` existed ran the paper's pull on every unit."""
     stored = TrainConfig(target_density=0.3, pull="all").to_dict()

@@ -366,6 +366,16 @@ def test_the_targets_pull_reaches_the_optimizer(tmp_path, pull):
     assert pulls == {"conv": conv, "linear": "all" if pull == "conv-outside" else pull}
 
 
+@pytest.mark.parametrize("support", ["grow", "shrink"])
+def test_the_support_schedule_reaches_the_target(tmp_path, support):
+    from dessilbi.training.build import build
+
+    b = build(cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
+                  keep_classifier=True, support=support))
+    assert b.target.schedule == support
+    assert b.target.target_now() == (0.0 if support == "grow" else 1.0)  # before any step
+
+
 def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
     kw = dict(model="lenet5", target_density=0.4, linear_penalty="group", keep_classifier=True,
               epochs=3)

@@ -66,6 +66,8 @@ _HELP = {
     "pull": "with a target: conv-outside (default: the coupling decays only the filters "
             "outside supp(Γ), those inside train as SGD; it pulls every linear neuron), all "
             "(the paper's iteration) or outside (the units outside supp(Γ) in every layer)",
+    "support": "with a target: how the support reaches it: grow (default: from empty, the "
+               "inverse scale space) or shrink (from every unit down to the target, cubic)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

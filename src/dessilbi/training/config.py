@@ -50,7 +50,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
-_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull"}
+_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support"}
 # Defaults changed since runs were named: with a target, the former default keeps the names it
 # gave and the new one names runs of its own; without a target the pull computes nothing.
 _FORMER_DEFAULTS = {"pull": "all"}
@@ -88,6 +88,7 @@ class TargetConfig:
     keep_first_layer: bool = False  # keep every unit of the layer that reads the input
     pull: str = "conv-outside"  # the units the coupling pulls W on: all, outside supp(Γ), or
     # outside supp(Γ) on the convolutions and all on the linear layers
+    support: str = "grow"  # how the support reaches the target: grow (0 → D) or shrink (1 → D)
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,7 @@ class TrainConfig:
         for f, choices in (("schedule", SCHEDULES), ("amp", AMP_MODES),
                            ("group_norm", ("l2", "rms")), ("conv_penalty", tuple(PENALTIES)),
                            ("pull", ("all", "outside", "conv-outside")),
+                           ("support", ("grow", "shrink")),
                            ("linear_penalty", tuple(PENALTIES))):
             if getattr(self, f) not in choices:
                 raise bad(f, f"choose one of {', '.join(choices)}")
