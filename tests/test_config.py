@@ -111,28 +111,22 @@ def test_the_two_config_files_of_the_cli_page_are_one_configuration():
     assert TrainConfig.from_dict(flat) == TrainConfig.from_dict(nested)
 
 
-def test_the_configs_pulls_are_the_targets():
-    """The config checks its pull without importing torch; its list is the target's."""
-    from dessilbi.core.target import TARGET_PULLS
+@pytest.mark.parametrize("field, target_list, bad", [("pull", "TARGET_PULLS", "inside"),
+                                                     ("support", "SCHEDULES", "fast")])
+def test_the_configs_choices_are_the_targets(field, target_list, bad):
+    """The config checks its pull and support without importing torch; its lists are the
+    target's; a non-default choice names a run of its own."""
+    from dessilbi.core import target
 
     base = dict(target_density=0.5, linear_penalty="group")
-    for pull in TARGET_PULLS:
-        TrainConfig(**base, pull=pull).validate()
-    with pytest.raises(ConfigError, match="invalid pull='inside'"):
-        TrainConfig(**base, pull="inside").validate()
-
-
-def test_the_configs_supports_are_the_targets_schedules():
-    from dessilbi.core.target import SCHEDULES
-
-    base = dict(target_density=0.5, linear_penalty="group")
-    for support in SCHEDULES:
-        TrainConfig(**base, support=support).validate()
-    with pytest.raises(ConfigError, match="invalid support='fast'"):
-        TrainConfig(**base, support="fast").validate()
+    for choice in getattr(target, target_list):
+        TrainConfig(**base, **{field: choice}).validate()
+    with pytest.raises(ConfigError, match=f"invalid {field}='{bad}'"):
+        TrainConfig(**base, **{field: bad}).validate()
     aimed = TrainConfig(**base)
-    assert aimed.replace(support="grow").run_name() == aimed.run_name()  # the default
-    assert aimed.replace(support="shrink").run_name() != aimed.run_name()
+    other = {"pull": "outside", "support": "shrink"}[field]
+    assert aimed.replace(**{field: other}).run_name() != aimed.run_name()
+    assert aimed.replace(**{field: getattr(aimed, field)}).run_name() == aimed.run_name()
 
 
 def test_a_stored_config_without_a_later_key_reads_as_its_release_wrote_it():
