@@ -117,6 +117,11 @@ def layer_units(model: nn.Module, classifier_name: str) -> list[int]:
             if isinstance(m, nn.Conv2d | nn.Linear) and n != classifier_name]
 
 
+def name_of(model: nn.Module, module: nn.Module) -> str:
+    """The qualified name of ``module`` in ``model`` ("" if it is not a submodule)."""
+    return {id(m): n for n, m in model.named_modules()}.get(id(module), "")
+
+
 def units(model: nn.Module, classifier_name: str) -> int:
     """Output filters / neurons of every conv / linear layer but the classifier."""
     return sum(layer_units(model, classifier_name))
@@ -168,7 +173,7 @@ def run_dense(setup: Setup, data: Data, init: dict[str, Tensor],
 
 def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
                  freeze: bool = True, macs: float | None = None, trace: Path | None = None,
-                 **_: Any) -> tuple[nn.Module, float]:
+                 method: str = "dessilbi", **_: Any) -> tuple[nn.Module, float]:
     """Aimed at ``target`` units, or at ``macs`` (a fraction of the dense MACs) when given;
     with ``trace``, a line per epoch there (:func:`trace_epoch`)."""
     model = fresh(setup, init)
@@ -185,28 +190,27 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          select_at=setup.select_at, schedule=setup.support,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else ())
+    head_name = name_of(model, head)
+
     def after_epoch(epoch: int) -> None:
         if trace is not None:
-            method = "dessilbi-macs" if macs is not None else \
-                "dessilbi" if freeze else "dessilbi-path"
             write(trace, {**asdict(setup), "method": method, "target": target,
-                          **trace_epoch(model, opt, data, epoch, ctl.frozen)})
+                          **trace_epoch(model, opt, data, epoch, ctl.frozen, head_name)})
 
     seconds = train(setup, data, model, opt, after_step=ctl.step, after_epoch=after_epoch)
     pruned = prune_model(model, Mask.from_optimizer(model, opt), example).model
     return pruned, seconds
 
 
-def trace_epoch(model: nn.Module, opt: DessiLBI, data: Data, epoch: int,
-                frozen: bool) -> dict[str, Any]:
+def trace_epoch(model: nn.Module, opt: DessiLBI, data: Data, epoch: int, frozen: bool,
+                head_name: str) -> dict[str, Any]:
     """Where a run stands after ``epoch``: the accuracy of the whole network (``full``) and of
-    the network pruned to supp(Γ) (``pruned``), and the units each layer keeps."""
-    example = data.x_test[:2]
-    head = classifier_of(model, example)
-    pruned = prune_model(copy.deepcopy(model), Mask.from_optimizer(model, opt), example).model
-    name = {id(m): n for n, m in model.named_modules()}[id(head)]
+    the network pruned to supp(Γ) (``pruned``), and the units each layer but ``head_name``
+    keeps."""
+    mask = Mask.from_optimizer(model, opt)
+    pruned = prune_model(copy.deepcopy(model), mask, data.x_test[:2]).model
     return {"epoch": epoch, "full": accuracy(model, data), "pruned": accuracy(pruned, data),
-            "layer_units": layer_units(pruned, name), "frozen": frozen}
+            "layer_units": layer_units(pruned, head_name), "frozen": frozen}
 
 
 def run_oto(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
@@ -288,7 +292,8 @@ def measure(setup: Setup, data: Data, method: str, target: float, init: dict[str
     base = method.removesuffix("-path").removesuffix("-ft").removesuffix("-macs")
     runner = {"dense": run_dense, "dessilbi": run_dessilbi, "oto": run_oto,
               "tp-reg": run_tp_reg, "tp-mag": run_tp_mag}[base]
-    kwargs: dict[str, Any] = {"target": target, "dense": dense, "trace": trace}
+    kwargs: dict[str, Any] = {"target": target, "dense": dense, "trace": trace,
+                              "method": method}
     if method == "dessilbi-path":
         kwargs["freeze"] = False
     if method == "dessilbi-macs":  # compute-matched: the MACs OTO kept at this target
@@ -300,8 +305,7 @@ def measure(setup: Setup, data: Data, method: str, target: float, init: dict[str
     model, seconds = runner(setup, data, init, **kwargs)
     example = data.x_test[:1]
     macs, params = count_cost(model, example)
-    head = classifier_of(model, example)
-    name = {id(m): n for n, m in model.named_modules()}.get(id(head), "")
+    name = name_of(model, classifier_of(model, example))
     return {**asdict(setup), "method": method, "target": target,
             "accuracy": accuracy(model, data),
             "units": units(model, name) / dense_units,
@@ -353,8 +357,7 @@ def main() -> None:
         dense, dense_seconds = run_dense(setup, data, init)
         example = data.x_test[:1]
         cost = count_cost(dense, example)
-        head = classifier_of(dense, example)
-        dense_units = units(dense, {id(m): n for n, m in dense.named_modules()}[id(head)])
+        dense_units = units(dense, name_of(dense, classifier_of(dense, example)))
         write(args.out, {**asdict(setup), "method": "dense", "target": 1.0,
                          "accuracy": accuracy(dense, data), "units": 1.0, "macs": 1.0,
                          "params": 1.0, "epoch_time_ratio": 1.0})
