@@ -1,4 +1,5 @@
-"""benchmarks/peers.py: the per-epoch trace of a DessiLBI run ends where the run's row does."""
+"""benchmarks/peers.py: the per-epoch trace of a DessiLBI run ends where the run's row does;
+the dense network is trained only for the methods that need it."""
 
 import json
 import sys
@@ -18,11 +19,24 @@ def test_trace_follows_the_run_to_its_row(tmp_path, monkeypatch):
         "--methods", "dessilbi", "--targets", "0.5", "--select-at", "0.5",
         "--out", str(out), "--trace", str(trace)])
     peers.main()
-    dense, row = [json.loads(x) for x in out.read_text().splitlines()]
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]  # no dense run asked for
     epochs = [json.loads(x) for x in trace.read_text().splitlines()]
-    assert dense["method"] == "dense" and row["select_at"] == 0.5
+    assert row["method"] == "dessilbi" and row["select_at"] == 0.5
+    assert row["epoch_time_ratio"] is None  # no dense run to time against
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     # 2 steps an epoch, the selection at step 3 of 6: the mask is fixed during the second epoch
     assert [e["frozen"] for e in epochs] == [False, True, True]
     assert epochs[-1]["pruned"] == row["accuracy"]
     assert epochs[-1]["layer_units"] == row["layer_units"]
+
+
+def test_a_dense_run_when_asked_for_gives_its_row_and_the_time_ratio(tmp_path, monkeypatch):
+    make_mnist(tmp_path, "FashionMNIST", n_train=256, n_test=64)
+    out = tmp_path / "rows.jsonl"
+    monkeypatch.setattr(sys, "argv", [
+        "peers.py", "--model", "lenet5", "--data-dir", str(tmp_path), "--epochs", "1",
+        "--methods", "dense", "dessilbi", "--targets", "0.5", "--out", str(out)])
+    peers.main()
+    dense, row = [json.loads(x) for x in out.read_text().splitlines()]
+    assert dense["method"] == "dense" and dense["units"] == 1.0
+    assert row["method"] == "dessilbi" and row["epoch_time_ratio"] > 0
