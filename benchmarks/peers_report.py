@@ -4,6 +4,8 @@
 
 Prints one markdown table per (model, dataset): per target, the mean over seeds of the pruned
 accuracy (no fine-tune), the achieved fraction of units kept and the MACs ratio of each method.
+With ``--cells``, one table of every (model, dataset, target, seed) instead, a column per method
+and per setting of DessiLBI's target (support, pull, selection), and their means.
 """
 
 from __future__ import annotations
@@ -51,6 +53,48 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def setting(row: dict[str, Any]) -> str:
+    """The column of a row: its method, for DessiLBI with its target's settings (the keys a
+    row lacks were not options yet: their values then)."""
+    if row["method"] != "dessilbi":
+        return row["method"]
+    extras = [f"path speed {row.get('path_speed', 10.0):g}" * (row.get("path_speed") != 1.0),
+              "first layer whole" * bool(row.get("whole_first")),
+              row.get("allocation", "global") * (row.get("allocation", "global") != "global")]
+    return " / ".join([f"dessilbi {row.get('support', 'grow')}", row.get("pull", "all"),
+                       str(row.get("select_at", 0.5)), *filter(None, extras)])
+
+
+def cells_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy (MACs kept) per cell and column, the best of a cell in bold; the last line: each
+    column's mean over the cells it has, and how many."""
+    got: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for r in rows:
+        if r["method"] != "dense":
+            got[(r["model"], r["dataset"], r["target"], r["seed"])][setting(r)].append(r)
+    columns = sorted({c for cell in got.values() for c in cell},
+                     key=lambda c: (ORDER.index(c.split()[0]), c))
+    out = ["| model, data, units, seed | " + " | ".join(columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+    scores: dict[str, list[float]] = defaultdict(list)
+    for key in sorted(got):
+        means = {c: statistics.mean(r["accuracy"] for r in rs) for c, rs in got[key].items()}
+        line = []
+        for c in columns:
+            if c not in means:
+                line.append("—")
+                continue
+            scores[c].append(means[c])
+            macs = statistics.mean(r["macs"] for r in got[key][c])
+            text = f"{means[c]:.2f} ({macs:.3f})"
+            line.append(f"**{text}**" if means[c] == max(means.values()) else text)
+        out.append(f"| {key[0]}, {key[1]}, {key[2]:.2f}, {key[3]} | " + " | ".join(line) + " |")
+    out.append("| mean (cells) | " + " | ".join(
+        f"{statistics.mean(scores[c]):.2f} ({len(scores[c])})" for c in columns) + " |")
+    return "\n".join(out)
+
+
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -79,8 +123,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--figure", type=Path)
+    ap.add_argument("--cells", action="store_true", help="one line per cell and seed")
     args = ap.parse_args()
-    rows = load(args.results)
+    rows = [r for r in load(args.results) if "method" in r and "epoch" not in r]  # no traces
+    if args.cells:
+        print(cells_table(rows))
+        return
     for model, dataset in sorted({(r["model"], r["dataset"]) for r in rows}):
         print(f"### {model} on {dataset}\n")
         print(table([r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]) + "\n")

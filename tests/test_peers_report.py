@@ -1,0 +1,36 @@
+"""benchmarks/peers_report.py: the per-cell table names each setting of DessiLBI's target."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import peers_report  # noqa: E402
+
+
+def row(method, seed, accuracy, **settings):
+    return {"model": "conv4", "dataset": "fashion-mnist", "target": 0.5, "seed": seed,
+            "method": method, "accuracy": accuracy, "macs": 0.25, "path_speed": 1.0,
+            **settings}
+
+
+def test_a_row_lacking_a_setting_reads_as_the_value_it_had_then():
+    assert peers_report.setting(row("oto", 0, 90.0)) == "oto"
+    assert peers_report.setting({**row("dessilbi", 0, 90.0), "path_speed": 10.0}) == \
+        "dessilbi grow / all / 0.5 / path speed 10"
+    assert peers_report.setting(row("dessilbi", 0, 90.0, support="shrink", pull="outside",
+                                    select_at=0.3, whole_first=True)) == \
+        "dessilbi shrink / outside / 0.3 / first layer whole"
+
+
+def test_cells_one_line_per_seed_and_a_column_per_setting():
+    rows = [row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
+            row("dessilbi", 1, 92.0, support="shrink", pull="outside", select_at=0.3),
+            row("dessilbi", 0, 90.0, pull="conv-outside"), row("oto", 0, 91.5),
+            row("oto", 1, 91.0), row("dense", 0, 93.0)]
+    lines = peers_report.cells_table(rows).splitlines()
+    assert lines[0] == ("| model, data, units, seed | dessilbi grow / conv-outside / 0.5 | "
+                        "dessilbi shrink / outside / 0.3 | oto |")
+    assert lines[2] == ("| conv4, fashion-mnist, 0.50, 0 | 90.00 (0.250) | 91.00 (0.250) | "
+                        "**91.50 (0.250)** |")
+    assert lines[3] == "| conv4, fashion-mnist, 0.50, 1 | — | **92.00 (0.250)** | 91.00 (0.250) |"
+    assert lines[4] == "| mean (cells) | 90.00 (1) | 91.50 (2) | 91.25 (2) |"
