@@ -69,10 +69,10 @@ class Setup:
     allocation: str = "global"  # SparsityTarget's ranking of units across layers
     path_speed: float = 1.0  # SparsityTarget's coupling: time constants by the selection step
     whole_first: bool = False  # SparsityTarget keeps the first layer's units whole
-    pull: str = "conv-outside"  # SparsityTarget's pull ("outside" on the convolutions, "all" on
-    # the linear layers); "outside": on every layer; "all": the paper's (the rows before 12-03)
-    select_at: float = 0.5  # SparsityTarget's selection step, as a fraction of the run
-    support: str = "grow"  # SparsityTarget's schedule of the support: grow (0 → D) or shrink
+    pull: str = "outside"  # SparsityTarget's pull: only outside supp(Γ); "conv-outside": there
+    # on the convolutions, "all" on the linear layers (the former default); "all": the paper's
+    select_at: float = 0.3  # SparsityTarget's selection step, as a fraction of the run
+    support: str = "shrink"  # SparsityTarget's schedule of the support: shrink (1 → D) or grow
 
 
 @dataclass
@@ -333,15 +333,16 @@ def main() -> None:
                     help="SparsityTarget's path speed (the default 1; the tables before it: 10)")
     ap.add_argument("--whole-first", action=argparse.BooleanOptionalAction, default=False,
                     help="SparsityTarget keeps every unit of the first layer")
-    ap.add_argument("--pull", default="conv-outside", choices=TARGET_PULLS,
-                    help="SparsityTarget's pull: only the units outside supp(Γ) on the "
-                         "convolutions (conv-outside, the default), on every layer (outside), "
-                         "or all (the paper's; the rows written before 2026-12-03)")
-    ap.add_argument("--select-at", type=float, default=0.5,
-                    help="SparsityTarget's selection step, as a fraction of the run")
-    ap.add_argument("--support", default="grow", choices=SCHEDULES,
-                    help="SparsityTarget's schedule of the support: grow (0 → D, the default) "
-                         "or shrink (1 → D, cubic)")
+    ap.add_argument("--pull", default="outside", choices=TARGET_PULLS,
+                    help="SparsityTarget's pull: only the units outside supp(Γ) (the default), "
+                         "only the convolution filters outside it (conv-outside, the former "
+                         "default), or all (the paper's; the rows without a pull field)")
+    ap.add_argument("--select-at", type=float, default=0.3,
+                    help="SparsityTarget's selection step, as a fraction of the run (the "
+                         "former default: 0.5)")
+    ap.add_argument("--support", default="shrink", choices=SCHEDULES,
+                    help="SparsityTarget's schedule of the support: shrink (1 → D, cubic, the "
+                         "default) or grow (0 → D, the rows without a support field)")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     ap.add_argument("--trace", type=Path, help="JSON lines, appended: after every epoch of a "
                     "dessilbi run, the accuracy of the whole and of the pruned network")

@@ -14,7 +14,8 @@ NAMED_BEFORE = [
     (dict(dataset="digits", epochs=3, lr=0.05),
      "digits_lenet3_dessilbi_k1_nuauto_lam1_lr0.05_e3_s0_3823b232", "ee0aab3f"),
     (dict(dataset="fashion-mnist", model="conv4", target_density=0.3, milestones=[3, 5],
-          schedule="multistep", pull="all"),  # the default pull when it was named
+          schedule="multistep", pull="all", select_at=0.5, support="grow"),  # the defaults
+     # when it was named
      "fashion-mnist_conv4_dessilbi_units0.3_lr0.1_e20_s0_ceb8e238", "85304f6b"),
     (dict(dataset="mnist", optimizer="sgd", exclude=["fc"]),
      "mnist_lenet3_sgd_lr0.1_e20_s0_7b24d7b8", "7dd94ff0"),
@@ -35,19 +36,31 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     assert base.replace(final_lr=0.2).run_name() != base.run_name()
 
 
-def test_a_changed_default_names_new_runs_and_keeps_the_old_names():
-    """pull's default went from "all" to "conv-outside": a run aimed with the new default
-    computes something else and gets a name of its own; "all" keeps the names it gave; without
-    a target the pull computes nothing and names nothing."""
-    aimed = TrainConfig(dataset="fashion-mnist", model="conv4", target_density=0.3)
-    assert aimed.pull == "conv-outside"
-    assert aimed.run_name() != aimed.replace(pull="all").run_name()
-    assert aimed.replace(pull="all").run_name() == \
-        "fashion-mnist_conv4_dessilbi_units0.3_lr0.1_e20_s0_15f3bdb9"  # before the change
+# Aimed runs named before a default changed, and the settings they were named with.
+AIMED = dict(dataset="fashion-mnist", model="conv4", target_density=0.3)
+AIMED_BEFORE = [
+    (dict(pull="all", select_at=0.5, support="grow"), "15f3bdb9"),  # the first defaults
+    (dict(pull="conv-outside", select_at=0.5, support="grow"), "2b8cd2e8"),  # the next ones
+    (dict(pull="outside", select_at=0.3, support="shrink"), "d773be77"),  # chosen by hand then
+]
+
+
+@pytest.mark.parametrize("settings, named", AIMED_BEFORE)
+def test_a_changed_default_keeps_the_names_runs_were_given(settings, named):
+    """pull ("all" → "conv-outside" → "outside"), select_at (0.5 → 0.3) and support ("grow" →
+    "shrink") changed their defaults: every run keeps the name it was given, so a run aimed with
+    today's defaults is the one named with those settings spelled out."""
+    assert TrainConfig(**AIMED, **settings).run_name().endswith("_" + named)
+    assert TrainConfig(**AIMED).run_name().endswith("_d773be77")
+
+
+@pytest.mark.parametrize("key, former", [("pull", "all"), ("select_at", 0.5),
+                                         ("support", "grow")])
+def test_without_a_target_a_changed_default_names_nothing(key, former):
     plain = TrainConfig(dataset="digits", epochs=3, lr=0.05)
-    assert {plain.replace(pull=p).run_name() for p in ("all", "conv-outside")} == \
-        {plain.run_name()}
-    assert plain.replace(pull="outside").run_name() != plain.run_name()
+    assert plain.replace(**{key: former}).run_name() == plain.run_name()
+    assert plain.replace(**{key: former}).run_name(legacy=True) == plain.run_name(legacy=True)
+    assert plain.replace(pull="all").run_name() == plain.replace(pull="conv-outside").run_name()
 
 
 def test_sections_and_flat_keys_are_one_configuration():
@@ -124,15 +137,17 @@ def test_the_configs_choices_are_the_targets(field, target_list, bad):
     with pytest.raises(ConfigError, match=f"invalid {field}='{bad}'"):
         TrainConfig(**base, **{field: bad}).validate()
     aimed = TrainConfig(**base)
-    other = {"pull": "outside", "support": "shrink"}[field]
+    other = {"pull": "all", "support": "grow"}[field]
     assert aimed.replace(**{field: other}).run_name() != aimed.run_name()
     assert aimed.replace(**{field: getattr(aimed, field)}).run_name() == aimed.run_name()
 
 
 def test_a_stored_config_without_a_later_key_reads_as_its_release_wrote_it():
-    """A checkpoint written before ``pull`` existed ran the paper's pull on every unit."""
-    stored = TrainConfig(target_density=0.3, pull="all").to_dict()
-    del stored["pull"]
-    assert TrainConfig.from_stored(stored).pull == "all"
-    assert TrainConfig.from_dict(stored).pull == "conv-outside"  # a config file: today's default
+    """A checkpoint written before ``pull`` and ``support`` existed ran the paper's pull on
+    every unit and grew its support."""
+    stored = TrainConfig(target_density=0.3, pull="all", support="grow").to_dict()
+    del stored["pull"], stored["support"]
+    assert (TrainConfig.from_stored(stored).pull, TrainConfig.from_stored(stored).support) == \
+        ("all", "grow")
+    assert TrainConfig.from_dict(stored).pull == "outside"  # a config file: today's default
     assert TrainConfig.from_stored({**stored, "pull": "outside"}).pull == "outside"

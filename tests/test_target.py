@@ -99,9 +99,9 @@ def test_pure_path_holds_the_target_without_masks():
 
 def test_nu_is_derived_from_the_budget():
     model = conv_net()
-    opt, target = setup(model, 0.5, 1000, torch.zeros(1, 1, 8, 8), path_speed=4.0)
-    assert target.select_step == 500
-    assert opt.param_groups[0]["nu"] == pytest.approx(0.05 * 1.0 * 500 / 4.0)
+    opt, target = setup(model, 0.5, 1000, torch.zeros(1, 1, 8, 8), path_speed=2.0)
+    assert target.select_step == 300  # the default selection: 30 % of the run
+    assert opt.param_groups[0]["nu"] == pytest.approx(0.05 * 1.0 * 300 / 2.0)
 
 
 @pytest.mark.parametrize("pull", ["outside", "all", None])
@@ -153,12 +153,15 @@ def test_conv_outside_spares_the_filters_and_pulls_the_neurons():
     assert torch.equal(finals[0], finals[1])
 
 
-def test_the_default_pull_spares_the_filters_only():
+@pytest.mark.parametrize("pull, linear", [(None, "outside"), ("conv-outside", "all")])
+def test_the_pull_spares_the_supported_units(pull, linear):
+    """The default pulls only the units outside supp(Γ), filters and neurons alike;
+    "conv-outside" spares the filters only."""
     model = conv_net()
     opt = DessiLBI(lbi_param_groups(model, example_inputs=torch.zeros(1, 1, 8, 8)), lr=0.05)
-    SparsityTarget(opt, 0.5, 10)
+    SparsityTarget(opt, 0.5, 10, **({"pull": pull} if pull else {}))
     assert {g["name"]: g["pull"] for g in opt.param_groups} == \
-        {"conv": "outside", "linear": "all", "no_decay": "all", "other": "all"}
+        {"conv": "outside", "linear": linear, "no_decay": "all", "other": "all"}
 
 
 def test_group_pull_is_outside_only_on_groups_of_filters():
@@ -294,7 +297,8 @@ def test_a_whole_layer_keeps_every_unit_and_the_target_holds(density):
     batches = data(12)
     example = batches[0][0][:1]
     first = stem_of(model, example).weight
-    opt, target = setup(model, density, 12, example, whole=[first])
+    opt, target = setup(model, density, 12, example, whole=[first], select_at=0.5,
+                        schedule="grow")
     run(model, opt, target, batches[:3])  # half-way to selection: about half of its units
     grown = int(opt.support(first).flatten(1).any(1).sum())
     assert 0 < grown < first.shape[0]

@@ -58,16 +58,16 @@ _HELP = {
                    "ranking whose pruned network costs closest to it; whole filters / neurons "
                    "only)",
     "select_at": "with --target-density / --target-macs: when the support reaches the "
-                 "target, as a fraction of the run (default 0.5)",
+                 "target, as a fraction of the run (default 0.3)",
     "freeze": "with a target: fix the mask at selection and train the subnetwork for "
               "the rest of the run (--no-freeze: the pure path)",
     "keep_first_layer": "with a target: keep every filter / neuron of the first layer (it "
                         "reads the input; its units are counted in the target)",
-    "pull": "with a target: conv-outside (default: the coupling decays only the filters "
-            "outside supp(Γ), those inside train as SGD; it pulls every linear neuron), all "
-            "(the paper's iteration) or outside (the units outside supp(Γ) in every layer)",
-    "support": "with a target: how the support reaches it: grow (default: from empty, the "
-               "inverse scale space) or shrink (from every unit down to the target, cubic)",
+    "pull": "with a target: outside (default: the coupling decays only the units outside "
+            "supp(Γ), those inside train as SGD), all (the paper's iteration) or conv-outside "
+            "(outside on the convolutions, all on the linear layers)",
+    "support": "with a target: how the support reaches it: shrink (default: from every unit "
+               "down to the target, cubic) or grow (from empty, the inverse scale space)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

@@ -51,9 +51,11 @@ _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
 _NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support"}
-# Defaults changed since runs were named: with a target, the former default keeps the names it
-# gave and the new one names runs of its own; without a target the pull computes nothing.
-_FORMER_DEFAULTS = {"pull": "all"}
+# Defaults changed since runs were named, oldest first. With a target, the first (the default
+# when the key named nothing) keeps the names it gave and every other value names runs of its
+# own; without a target these settings compute nothing, and no default of any release names.
+_FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "pull": ("all", "conv-outside"), "select_at": (0.5,), "support": ("grow",)}
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,12 @@ class TargetConfig:
 
     density: float | None = None  # fraction of filters / neurons kept
     macs: float | None = None  # fraction of the dense network's MACs kept
-    select_at: float = 0.5  # when the target is reached, as a fraction of the run
+    select_at: float = 0.3  # when the target is reached, as a fraction of the run
     freeze: bool = True  # fix the mask at selection and train the subnetwork after it
     keep_first_layer: bool = False  # keep every unit of the layer that reads the input
-    pull: str = "conv-outside"  # the units the coupling pulls W on: all, outside supp(Γ), or
-    # outside supp(Γ) on the convolutions and all on the linear layers
-    support: str = "grow"  # how the support reaches the target: grow (0 → D) or shrink (1 → D)
+    pull: str = "outside"  # the units the coupling pulls W on: outside supp(Γ), all, or
+    # outside supp(Γ) on the convolutions and all on the linear layers (conv-outside)
+    support: str = "shrink"  # how the support reaches the target: shrink (1 → D) or grow (0 → D)
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,10 @@ class TrainConfig:
     @classmethod
     def from_stored(cls, data: dict[str, Any], source: str = "checkpoint") -> TrainConfig:
         """The configuration a run folder stored: a key it lacks was not an option yet, so it
-        takes the default of the release that wrote it (``pull``: ``"all"``)."""
-        return cls.from_dict({**_FORMER_DEFAULTS, **data}, source=source)
+        takes the default of the release that wrote it (``pull``: ``"all"``, ``support``:
+        ``"grow"``)."""
+        return cls.from_dict({**{k: v[0] for k, v in _FORMER_DEFAULTS.items()}, **data},
+                             source=source)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -343,14 +347,17 @@ class TrainConfig:
         if key not in _FORMER_DEFAULTS:
             return bool(value == _FLAT[key].default)
         if self.target_density is None and self.target_macs is None:
-            return value in (_FORMER_DEFAULTS[key], _FLAT[key].default)
-        return bool(value == _FORMER_DEFAULTS[key])
+            return value in (*_FORMER_DEFAULTS[key], _FLAT[key].default)
+        return bool(value == _FORMER_DEFAULTS[key][0])
 
     def legacy_config_hash(self) -> str:
         """The hash of releases before 0.2 (every field those releases had, files by path):
         finds older folders (the run records committed in docs/results carry such names)."""
         items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED
                  and not (k in _NOT_LEGACY and self._names_nothing(k, v))}
+        for k in _FORMER_DEFAULTS.keys() & items.keys():  # a setting those releases had:
+            if self._names_nothing(k, items[k]):  # with the value it had when it named nothing
+                items[k] = _FORMER_DEFAULTS[k][0]
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self, legacy: bool = False) -> str:
