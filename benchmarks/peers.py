@@ -350,6 +350,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("torch_pruning").setLevel(logging.WARNING)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    # the dense network is trained only for a method that needs it (its row, the time ratio,
+    # magnitude pruning); the costs are the architecture's either way
+    needs_dense = bool(NEEDS_DENSE & set(args.methods))
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
@@ -357,9 +360,6 @@ def main() -> None:
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())
-        # the dense network is trained only for a method that needs it (its row, the time
-        # ratio, magnitude pruning); the costs are the architecture's either way
-        needs_dense = bool(NEEDS_DENSE & set(args.methods))
         dense, dense_seconds = (run_dense(setup, data, init) if needs_dense
                                 else (fresh(setup, init), None))
         example = data.x_test[:1]

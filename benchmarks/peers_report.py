@@ -58,11 +58,15 @@ def setting(row: dict[str, Any]) -> str:
     row lacks were not options yet: their values then)."""
     if row["method"] != "dessilbi":
         return row["method"]
-    extras = [f"path speed {row.get('path_speed', 10.0):g}" * (row.get("path_speed") != 1.0),
-              "first layer whole" * bool(row.get("whole_first")),
-              row.get("allocation", "global") * (row.get("allocation", "global") != "global")]
-    return " / ".join([f"dessilbi {row.get('support', 'grow')}", row.get("pull", "all"),
-                       str(row.get("select_at", 0.5)), *filter(None, extras)])
+    parts = [f"dessilbi {row.get('support', 'grow')}", row.get("pull", "all"),
+             str(row.get("select_at", 0.5))]
+    if row.get("path_speed") != 1.0:
+        parts.append(f"path speed {row.get('path_speed', 10.0):g}")
+    if row.get("whole_first"):
+        parts.append("first layer whole")
+    if row.get("allocation", "global") != "global":
+        parts.append(row["allocation"])
+    return " / ".join(parts)
 
 
 def cells_table(rows: list[dict[str, Any]]) -> str:

@@ -60,7 +60,12 @@ def test_without_a_target_a_changed_default_names_nothing(key, former):
     plain = TrainConfig(dataset="digits", epochs=3, lr=0.05)
     assert plain.replace(**{key: former}).run_name() == plain.run_name()
     assert plain.replace(**{key: former}).run_name(legacy=True) == plain.run_name(legacy=True)
-    assert plain.replace(pull="all").run_name() == plain.replace(pull="conv-outside").run_name()
+
+
+def test_without_a_target_no_pull_of_any_release_names_a_run():
+    plain = TrainConfig(dataset="digits", epochs=3, lr=0.05)
+    assert {plain.replace(pull=p).run_name() for p in ("all", "conv-outside", "outside")} == \
+        {plain.run_name()}
 
 
 def test_sections_and_flat_keys_are_one_configuration():
