@@ -73,6 +73,8 @@ class Setup:
     # on the convolutions, "all" on the linear layers (the former default); "all": the paper's
     select_at: float = 0.3  # SparsityTarget's selection step, as a fraction of the run
     support: str = "shrink"  # SparsityTarget's schedule of the support: shrink (1 → D) or grow
+    fade: bool = False  # SparsityTarget fades the units outside supp(Γ) to zero by selection
+    start_at: float = 0.0  # SparsityTarget's support schedule starts here (fraction of the run)
 
 
 @dataclass
@@ -191,7 +193,8 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          path_speed=setup.path_speed, pull=setup.pull,
                          select_at=setup.select_at, schedule=setup.support,
                          coupled=coupled_parameters(model, example),
-                         whole=[stem_of(model, example).weight] if setup.whole_first else ())
+                         whole=[stem_of(model, example).weight] if setup.whole_first else (),
+                         fade=setup.fade, start_at=setup.start_at)
     head_name = name_of(model, head)
 
     def after_epoch(epoch: int) -> None:
@@ -343,6 +346,11 @@ def main() -> None:
     ap.add_argument("--support", default="shrink", choices=SCHEDULES,
                     help="SparsityTarget's schedule of the support: shrink (1 → D, cubic, the "
                          "default) or grow (0 → D, the rows without a support field)")
+    ap.add_argument("--fade", action=argparse.BooleanOptionalAction, default=False,
+                    help="SparsityTarget fades the units outside supp(Γ) linearly to zero by "
+                         "the selection step")
+    ap.add_argument("--start-at", type=float, default=0.0,
+                    help="SparsityTarget's support schedule starts at this fraction of the run")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     ap.add_argument("--trace", type=Path, help="JSON lines, appended: after every epoch of a "
                     "dessilbi run, the accuracy of the whole and of the pruned network")
@@ -356,7 +364,8 @@ def main() -> None:
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
-                      args.whole_first, args.pull, args.select_at, args.support)
+                      args.whole_first, args.pull, args.select_at, args.support, args.fade,
+                      args.start_at)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())

@@ -48,15 +48,20 @@ def run(model, opt, target, batches):
         target.step()
 
 
-@given(st.floats(0.01, 1.0), st.integers(1, 500), st.sampled_from(["grow", "shrink"]))
-def test_support_fraction_reaches_the_target_monotonically(density, select, schedule):
-    values = [support_fraction(t, select, density, schedule) for t in range(0, select + 3)]
+@given(st.floats(0.01, 1.0), st.integers(1, 500), st.sampled_from(["grow", "shrink"]),
+       st.floats(0.0, 0.99))
+def test_support_fraction_reaches_the_target_monotonically(density, select, schedule, start):
+    start_step = int(start * select)
+    values = [support_fraction(t, select, density, schedule, start_step)
+              for t in range(0, select + 3)]
     assert values[select] == pytest.approx(density) and values[-1] == pytest.approx(density)
     pairs = list(zip(values, values[1:]))
+    untouched = 0.0 if schedule == "grow" else 1.0  # until the schedule starts
+    assert values[:start_step + 1] == pytest.approx([untouched] * (start_step + 1))
     if schedule == "grow":
-        assert values[0] == 0.0 and all(a <= b + 1e-12 for a, b in pairs)
+        assert all(a <= b + 1e-12 for a, b in pairs)
     else:
-        assert values[0] == pytest.approx(1.0) and all(a >= b - 1e-12 for a, b in pairs)
+        assert all(a >= b - 1e-12 for a, b in pairs)
 
 
 @pytest.mark.parametrize("allocation", ["global", "layer"])
@@ -183,20 +188,21 @@ def test_an_optimizer_state_saved_before_pull_existed_loads_as_the_papers_iterat
     assert {g["pull"] for g in opt.param_groups} == {"all"}
 
 
-def test_resume_is_bit_for_bit():
+@pytest.mark.parametrize("kw", [{}, {"fade": True, "select_at": 0.8}])
+def test_resume_is_bit_for_bit(kw):
     batches = data(10)
     model = conv_net()
     start = copy.deepcopy(model.state_dict())
-    opt, target = setup(model, 0.5, 10, batches[0][0][:1])
+    opt, target = setup(model, 0.5, 10, batches[0][0][:1], **kw)
     run(model, opt, target, batches)
 
     model2 = conv_net()
     model2.load_state_dict(start)
-    opt2, target2 = setup(model2, 0.5, 10, batches[0][0][:1])
+    opt2, target2 = setup(model2, 0.5, 10, batches[0][0][:1], **kw)
     run(model2, opt2, target2, batches[:4])
     saved = copy.deepcopy((model2.state_dict(), opt2.state_dict(), target2.state_dict()))
     model3 = conv_net()
-    opt3, target3 = setup(model3, 0.5, 10, batches[0][0][:1])
+    opt3, target3 = setup(model3, 0.5, 10, batches[0][0][:1], **kw)
     model3.load_state_dict(saved[0])
     opt3.load_state_dict(saved[1])
     target3.load_state_dict(saved[2])
@@ -207,6 +213,62 @@ def test_resume_is_bit_for_bit():
         assert torch.equal(opt.state[p]["V"], opt3.state[q]["V"])
         assert torch.equal(opt.state[p]["mask"], opt3.state[q]["mask"])
         assert opt3.state[q]["mask"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_fade_scales_the_dropped_units_to_zero_by_the_selection(update_every):
+    # Naive reference: between two threshold updates t_prev < t, every unit outside supp(Γ)
+    # after the update at t (weights and coupled bias) is multiplied by (T_s − t)/(T_s − t_prev).
+    model = conv_net()
+    batches = data(4)
+    opt, target = setup(model, 0.3, 40, batches[0][0][:1], select_at=0.5, fade=True,
+                        update_every=update_every)
+    run(model, opt, target, batches)  # V ≠ 0: the ranking is not a tie
+    conv, t_s = model[0], target.select_step
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    faded_some = False
+    for t in range(target.step_count + 1, t_s):
+        target.step()  # no optimizer step: only the thresholds and the fade act on W
+        if t % update_every:
+            assert torch.equal(conv.weight, weight)
+            continue
+        dropped = ~opt.support(conv.weight).flatten(1).any(1)
+        factor = (t_s - t) / (t_s - (t - update_every))
+        weight[dropped] *= factor
+        bias[dropped] *= factor
+        faded_some |= bool(dropped.any())
+        torch.testing.assert_close(conv.weight, weight)
+        torch.testing.assert_close(conv.bias, bias)
+    assert faded_some
+    # A unit dropped since step t₀ holds (T_s − t)/(T_s − t₀) of its weights: 1/(T_s − t₀)
+    # at most after the last update before T_s, and the selection makes it exactly zero.
+    target.step()
+    assert target.frozen
+
+
+def test_the_schedule_waits_for_start_at_then_reaches_the_target():
+    model = conv_net()
+    batches = data(10)
+    opt, target = setup(model, 0.4, 10, batches[0][0][:1], select_at=0.6, start_at=0.3,
+                        update_every=1)
+    densities = []
+    for batch in batches:
+        run(model, opt, target, [batch])
+        densities.append(target.unit_density())
+    assert densities[:3] == [1.0, 1.0, 1.0]  # steps 1..3 <= T_0 = 3: every unit kept
+    assert densities[3] < 1.0
+    assert target.frozen and densities[-1] == pytest.approx(0.4, abs=0.03)
+
+
+def test_without_fade_the_dropped_units_keep_their_weights_until_selection():
+    model = conv_net()
+    batches = data(4)
+    opt, target = setup(model, 0.3, 40, batches[0][0][:1], select_at=0.5)
+    run(model, opt, target, batches)
+    weight = model[0].weight.detach().clone()
+    for _ in range(target.step_count + 1, target.select_step):
+        target.step()
+    assert torch.equal(model[0].weight, weight)
 
 
 def test_resnet_with_residual_sums():
@@ -235,7 +297,8 @@ def test_bad_arguments_name_the_field():
     for kw, field in ((dict(density=0.0), "density"), (dict(density=1.5), "density"),
                       (dict(total_steps=0), "total_steps"), (dict(select_at=0), "select_at"),
                       (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation"),
-                      (dict(pull="x"), "pull")):
+                      (dict(pull="x"), "pull"), (dict(start_at=0.3), "start_at"),
+                      (dict(start_at=-0.1), "start_at")):
         args = {"density": 0.5, "total_steps": 10, **kw}
         with pytest.raises(ValueError, match=field):
             SparsityTarget(opt, **args)
