@@ -66,6 +66,10 @@ def setting(row: dict[str, Any]) -> str:
         parts.append("first layer whole")
     if row.get("allocation", "global") != "global":
         parts.append(row["allocation"])
+    if row.get("start_at"):
+        parts.append(f"from {row['start_at']:g}")
+    if row.get("fade"):
+        parts.append("fade")
     return " / ".join(parts)
 
 

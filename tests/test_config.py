@@ -34,6 +34,16 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     base = TrainConfig(dataset="digits", epochs=3, lr=0.05)
     assert base.replace(final_lr=0.1).run_name() == base.run_name()  # final_lr came later
     assert base.replace(final_lr=0.2).run_name() != base.run_name()
+    aimed = TrainConfig(**AIMED)
+    assert aimed.replace(start_at=0.0).run_name() == aimed.run_name()  # start_at came later
+    assert aimed.replace(start_at=0.0).run_name(legacy=True) == aimed.run_name(legacy=True)
+    assert aimed.replace(start_at=0.1).run_name() != aimed.run_name()
+
+
+@pytest.mark.parametrize("start_at", [0.3, 0.5, -0.1, True])
+def test_start_at_must_come_before_the_selection(start_at):
+    with pytest.raises(ConfigError, match="start_at"):
+        TrainConfig(**AIMED, start_at=start_at).validate()
 
 
 # Aimed runs named before a default changed, and the settings they were named with.

@@ -376,6 +376,16 @@ def test_the_support_schedule_reaches_the_target(tmp_path, support):
     assert b.target.target_now() == (0.0 if support == "grow" else 1.0)  # before any step
 
 
+def test_the_support_schedule_starts_at_start_at(tmp_path):
+    from dessilbi.training.build import build
+
+    b = build(cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
+                  keep_classifier=True, start_at=0.2))
+    assert b.target.start_step == round(0.2 * b.total_steps) > 0
+    b.target.step_count = b.target.start_step
+    assert b.target.target_now() == 1.0  # the shrinking support has not started yet
+
+
 def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
     kw = dict(model="lenet5", target_density=0.4, linear_penalty="group", keep_classifier=True,
               epochs=3)

@@ -70,7 +70,7 @@ def test_hits_the_target_and_trains_the_subnetwork(density, allocation):
     model = conv_net()
     batches = data(12)
     opt, target = setup(model, density, 12, batches[0][0][:1], allocation=allocation)
-    run(model, opt, target, batches[:6])  # select_at 0.5: the mask is fixed after step 6
+    run(model, opt, target, batches[:6])  # select_at 0.3: the mask is fixed at step 4
     assert target.frozen
     assert target.unit_density() == pytest.approx(density, abs=0.03)
     masks = {p: opt.state[p]["mask"].clone() for p in opt.penalised_params()}

@@ -68,6 +68,8 @@ _HELP = {
             "(outside on the convolutions, all on the linear layers)",
     "support": "with a target: how the support reaches it: shrink (default: from every unit "
                "down to the target, cubic) or grow (from empty, the inverse scale space)",
+    "start_at": "with a target: when the support starts moving towards it, as a fraction of "
+                "the run (default 0: from the first step; it must be before --select-at)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",
