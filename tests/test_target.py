@@ -240,10 +240,10 @@ def test_fade_scales_the_dropped_units_to_zero_by_the_selection(update_every):
         torch.testing.assert_close(conv.weight, weight)
         torch.testing.assert_close(conv.bias, bias)
     assert faded_some
-    # A unit dropped since step t₀ holds (T_s − t)/(T_s − t₀) of its weights: 1/(T_s − t₀)
-    # at most after the last update before T_s, and the selection makes it exactly zero.
-    target.step()
+    target.step()  # the selection: the units still outside supp(Γ) become exactly zero
     assert target.frozen
+    dropped = ~opt.support(conv.weight).flatten(1).any(1)
+    assert dropped.any() and (conv.weight[dropped] == 0).all() and (conv.bias[dropped] == 0).all()
 
 
 def test_the_schedule_waits_for_start_at_then_reaches_the_target():
