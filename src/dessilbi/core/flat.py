@@ -6,16 +6,18 @@ about ten operations per tensor, SGD's multi-tensor step three per list. Here th
 *bucket* (same parameter group, penalty, dtype, device and row length K) keep V and the
 momentum buffer in one ``(R, K)`` buffer each, one row per filter / neuron (R rows in all); the
 optimizer state holds views into them, so ``state["V"]`` and ``state["momentum_buffer"]`` stay
-per-parameter tensors for every reader. A step gathers the gradients and weights (two
-``torch.cat``), runs the update of :mod:`.optim` on the whole buffer, with the filter norms of V
-as one row reduction, and writes the weights back (one ``torch._foreach_copy_``):
+per-parameter tensors for every reader. The parameters themselves live in the bucket's memory
+(:mod:`.arena`: each keeps a storage of its own), so a step copies in the gradients only
+(one ``torch._foreach_copy_``) and runs the update of :mod:`.optim` on the whole buffer, with
+the filter norms of V as one row reduction (a bucket whose parameters cannot be adopted also
+copies the weights in and back):
 
 .. math::
     G &= [g_1; \dots; g_n], \quad W = [w_1; \dots; w_n] \\
     B &\leftarrow m B + (1 - \text{dampening}) G, \quad
     D = W - κ \operatorname{prox}_{λ}(V) \\
     V &\leftarrow V + \frac{α}{ν} D, \quad
-    W \leftarrow W - ακ B - \frac{ακ}{ν} D \odot P, \quad w_i \leftarrow W_i
+    W \leftarrow W - ακ B - \frac{ακ}{ν} D \odot P
 
 (P = 1, or 1[Γ = 0] per unit with ``pull="outside"``.)
 
@@ -39,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .arena import adopt, adoptable, bump_versions
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "SOLO_NUMEL", "bucket_key", "eligible", "flat_step", "gather",
            "group_shrink", "worth_bucketing", "write_back"]
@@ -89,7 +93,9 @@ class FlatBucket:
         n_rows = sum(self.rows)
         like = dict(dtype=p0.dtype, device=p0.device)
         self.grads = torch.empty(n_rows, k, **like)
-        self.weights = torch.empty(n_rows, k, **like)
+        # the parameters move into the bucket's memory where they can (module docstring)
+        self.adopted = all(adoptable(p) for p in params)
+        self.weights = adopt(params, k) if self.adopted else torch.empty(n_rows, k, **like)
         self.gap: Tensor | None = None  # W − Γ: the gradient buffer's memory where it is free
         self.v = self._adopt(states, "V") if penalty != "none" else None
         self.buf = self._adopt(states, "momentum_buffer")
@@ -132,18 +138,18 @@ class FlatBucket:
               use_momentum: bool) -> bool:
         """Whether this bucket still is the state of exactly ``params`` (same tensors, same
         order, the state's V and momentum buffers still views into its buffers)."""
-        if len(params) != len(self.params):
+        # whole-list comparisons: this runs every step, over every tensor of the bucket
+        if len(params) != len(self.params) or \
+                any(p is not q for p, q in zip(params, self.params)) or \
+                [p.data_ptr() for p in params] != self.pointers:
             return False
-        for i, (p, st) in enumerate(zip(params, states)):
-            if p is not self.params[i] or p.data_ptr() != self.pointers[i]:
-                return False
-            if self.v is not None and st.get("V") is not self.v_views[i]:
-                return False
-            b = st.get("momentum_buffer")
-            if use_momentum and b is not self.buf_views[i] and not (b is None
-                                                                    and self.starting[i]):
-                return False
-        return True
+        if self.v is not None and \
+                any(st.get("V") is not v for st, v in zip(states, self.v_views)):
+            return False
+        if not use_momentum:
+            return True
+        return all(b is view or (b is None and start) for b, view, start in zip(
+            [st.get("momentum_buffer") for st in states], self.buf_views, self.starting))
 
     def gap_buffer(self) -> Tensor:
         """A buffer for W − Γ when the gradient buffer is still in use (Nesterov, or no
@@ -213,11 +219,13 @@ def flat_step(bucket: FlatBucket, grads: Sequence[Tensor], states: Sequence[dict
 def gather(bucket: FlatBucket, grads: Sequence[Tensor], masks: Sequence[Tensor | None], *,
            momentum: float, dampening: float, weight_decay: float,
            maximize: bool) -> Tensor | None:
-    """Copy the gradients and weights into the bucket, with sign, mask and weight decay
-    applied to the gradient and the first-step momentum rows prepared; returns the mask."""
+    """Copy the gradients (and the weights, unless adopted) into the bucket, with sign, mask
+    and weight decay applied to the gradient and the first-step momentum rows prepared;
+    returns the mask."""
     g, w = bucket.grads, bucket.weights
     torch._foreach_copy_(bucket.grad_views, list(grads))
-    torch._foreach_copy_(bucket.weight_views, bucket.params)
+    if not bucket.adopted:
+        torch._foreach_copy_(bucket.weight_views, bucket.params)
     if maximize:
         g.neg_()
     mask = bucket.mask_of(masks)
@@ -232,11 +240,14 @@ def gather(bucket: FlatBucket, grads: Sequence[Tensor], masks: Sequence[Tensor |
 
 def write_back(bucket: FlatBucket, states: Sequence[dict[str, Any]], mask: Tensor | None,
                momentum: float) -> None:
-    """Copy the updated weights into the parameters (masked entries kept at zero) and, after
+    """Put the updated weights in the parameters (masked entries kept at zero) and, after
     a bucket's first step, put its momentum rows into the optimizer state."""
     if mask is not None:
         bucket.weights.mul_(mask)
-    torch._foreach_copy_(bucket.params, bucket.weight_views)
+    if bucket.adopted:  # the parameters were written through the bucket's tensor
+        bump_versions(bucket.params)
+    else:
+        torch._foreach_copy_(bucket.params, bucket.weight_views)
     published = "views" if momentum != 0.0 else "none"
     if bucket.published != published:  # after the first step, and if momentum is switched
         for st, view in zip(states, bucket.buf_views):

@@ -129,8 +129,9 @@ class DessiLBI(Optimizer):
             per-tensor loop; ``None`` (default): on CUDA the multi-tensor kernels, as
             ``torch.optim`` does, elsewhere flat buckets (:mod:`dessilbi.core.flat`: the
             state of tensors up to 65,536 entries in one buffer per bucket, updated by a few
-            large operations; bit-identical to the per-tensor loop) and the per-tensor loop
-            for larger tensors.
+            large operations; bit-identical to the per-tensor loop; the parameters move into
+            their bucket's memory on its first step, :mod:`dessilbi.core.arena`) and the
+            per-tensor loop for larger tensors.
         fused: run the update of the tensors too large for a bucket as a
             ``torch.compile``-d kernel that reads every tensor once (the fastest path for
             large layers; the first step pays the compilation, falling back to eager with a
