@@ -5,7 +5,7 @@ machine noise hits both alike; prints the median epoch time of each and the rati
 
     python benchmarks/epoch_time.py [--model lenet3] [--dataset default] [--epochs 5]
     python benchmarks/epoch_time.py --model lenet5 --lr 0.05 --epochs 6 --target-density 0.3
-    python benchmarks/epoch_time.py --model lenet5 --lr 0.05 --target-density 0.3 --pull outside
+    python benchmarks/epoch_time.py --model lenet5 --lr 0.05 --target-density 0.3 --pull all
     python benchmarks/epoch_time.py --model conv4 --lr 0.02 --target-density 0.3 --max-batches 60
 
 ``--max-batches N`` times the first N batches of each epoch. The target still plans its
@@ -40,8 +40,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--target-density", type=float, default=None,
                     help="steer DessiLBI with SparsityTarget (select then train)")
-    ap.add_argument("--pull", default="conv-outside", choices=TARGET_PULLS,
-                    help="with --target-density: the units the coupling pulls W on")
+    ap.add_argument("--pull", default="outside", choices=TARGET_PULLS,
+                    help="with --target-density: the units the coupling pulls W on "
+                         "(default: the target's default)")
     ap.add_argument("--max-batches", type=int, default=0,
                     help="time the first N batches of each epoch (0: whole epochs)")
     args = ap.parse_args()

@@ -448,3 +448,29 @@ def test_fused_compiled_path_matches_foreach(nesterov):
         torch.testing.assert_close(opts[0].state[p]["V"], opts[1].state[q]["V"],
                                    rtol=1e-5, atol=1e-6)
         assert torch.equal(opts[0].support(p), opts[1].support(q))
+
+
+def test_fused_none_compiles_the_large_tensors_of_a_large_model_only(monkeypatch):
+    from dessilbi.core import flat
+    from dessilbi.core import optim as optim_module
+
+    data = [(x.float(), y) for x, y in batches(4)]
+    monkeypatch.setattr(flat, "MAX_NUMEL", 100)  # the larger tensors skip the buckets
+
+    def run(**kw) -> tuple[DessiLBI, torch.nn.Module]:
+        torch.manual_seed(0)
+        model = small_model().float()
+        opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=0.5, lambda_=0.05, **kw)
+        train(model, opt, data)
+        return opt, model
+
+    eager, ref = run()  # the default on a small model: nothing compiled
+    assert "_compiled" not in eager.__dict__
+    monkeypatch.setattr(optim_module, "AUTO_COMPILE_NUMEL", 500)  # the model is large now
+    auto, model = run()
+    assert auto.__dict__["_compiled"]["update"].compiled is not None
+    assert "buckets" not in auto.__dict__["_compiled"]  # the small tensors stay eager
+    for p, q in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for kw in ({"fused": False}, {"foreach": False}, {"foreach": True}):
+        assert "_compiled" not in run(**kw)[0].__dict__, kw

@@ -60,3 +60,10 @@ def test_adabound_matches_its_paper_update():
         torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="invalid gamma"):
         AdaBound([w], gamma=2.0)
+
+
+def test_the_fused_flag_forces_compilation_and_its_absence_leaves_the_choice_to_dessilbi():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    chosen = create_optimizer(OptimizerConfig(name="dessilbi"), model)
+    forced = create_optimizer(OptimizerConfig(name="dessilbi", fused=True), model)
+    assert chosen.defaults["fused"] is None and forced.defaults["fused"] is True

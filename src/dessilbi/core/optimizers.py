@@ -117,7 +117,8 @@ def create_optimizer(cfg: OptimizerConfig, model: nn.Module, example_inputs: Any
             keep_classifier=cfg.keep_classifier, example_inputs=example_inputs,
         )
         return DessiLBI(groups, lr=cfg.lr, kappa=cfg.kappa, nu=cfg.nu, lambda_=cfg.lambda_,
-                        momentum=cfg.momentum, nesterov=cfg.nesterov, fused=cfg.fused,
+                        momentum=cfg.momentum, nesterov=cfg.nesterov,
+                        fused=True if cfg.fused else None,  # off: DessiLBI's own choice
                         total_steps=total_steps)
     wd = cfg.weight_decay
     if cfg.name == "sgd-momentum-wd" and wd == 0.0:
