@@ -396,6 +396,8 @@ def test_nu_chosen_from_the_number_of_steps():
         (dict(penalty="l1"), "penalty"),
         (dict(group_norm="linf"), "group_norm"),
         (dict(pull="inside"), "pull"),
+        (dict(fused="yes"), "fused"),
+        (dict(foreach=1), "foreach"),
     ],
 )
 def test_validation_names_field_and_value(kwargs, field):

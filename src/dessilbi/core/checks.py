@@ -49,6 +49,9 @@ def check_group(group: dict[str, Any]) -> None:
         raise bad("group_norm", group["group_norm"], f"must be one of {GROUP_NORMS}")
     if group["pull"] not in PULLS:
         raise bad("pull", group["pull"], f"must be one of {PULLS}")
+    for flag in ("foreach", "fused"):  # None: the optimizer chooses (see DessiLBI)
+        if not any(group.get(flag) is ok for ok in (None, True, False)):
+            raise bad(flag, group[flag], "must be True, False or None")
     if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
         raise bad("nesterov", True, "requires momentum > 0 and dampening = 0")
 

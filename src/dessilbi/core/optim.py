@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._fused import bucket_compilable
+from ._fused import bucket_compilable, fused_buckets
 from .bundle import Bundle
 from .checks import PULLS, check_grad, check_group, check_params
 from .flat import FlatBucket, bucket_key, eligible, flat_step, gather, worth_bucketing, write_back
@@ -267,9 +267,7 @@ class DessiLBI(Optimizer):
                 hp = {k: group[k] for k in ("lr", "kappa", "nu", "group_norm", "momentum",
                                             "dampening", "nesterov", "weight_decay", "pull")}
                 hp["lambda_"] = lam
-                # Inside a compiled training step the caller's compiler fuses the update
-                # already (and a nested compiled call would be inlined into it).
-                if compiles:
+                if compiles:  # decided by _compiles (``fused``)
                     fused.append((bundle, dict(params=bundle.params, grads=bundle.grads,
                                                bufs=bundle.bufs, vs=bundle.vs, penalty=pen,
                                                **hp)))
@@ -367,8 +365,6 @@ class DessiLBI(Optimizer):
 
     def _compiled_buckets(self, pending: list[_Pending]) -> None:
         """The compiled update of the gathered buckets (``fused=True``), then their write-back."""
-        from ._fused import fused_buckets
-
         fused_buckets([(bucket, lam, group) for bucket, _, _, lam, group in pending],
                       self._compiled_cache())
         for bucket, states, mask, _, group in pending:
