@@ -137,23 +137,3 @@ def test_a_lone_large_tensor_skips_the_bucket_and_steps_the_same() -> None:
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 
-
-@pytest.mark.parametrize("variant", [{}, {"nesterov": True, "weight_decay": 1e-3,
-                                          "maximize": True, "pull": "outside"}],
-                         ids=["defaults", "nesterov-wd-maximize-outside"])
-def test_fused_compiles_the_bucket_update_and_agrees_with_the_per_tensor_loop(
-        variant: dict, caplog: pytest.LogCaptureFixture) -> None:
-    ref, new = make_model(), make_model()
-    ref_opt, new_opt = make_opt(ref, variant, foreach=False), make_opt(new, variant, fused=True)
-    train(ref, ref_opt, 7)
-    train(new, new_opt, 7)
-    compiled = new_opt.__dict__["_compiled"]["buckets"]
-    assert compiled.compiled is not None and "torch.compile failed" not in caplog.text
-    held = [b for b in new_opt.__dict__["_flat"].values() if isinstance(b, flat.FlatBucket)]
-    assert held and all(b.adopted for b in held)
-    for p, q in zip(ref.parameters(), new.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-        for key in ("V", "momentum_buffer"):
-            if key in ref_opt.state[p]:
-                torch.testing.assert_close(new_opt.state[q][key], ref_opt.state[p][key],
-                                           rtol=1e-5, atol=1e-6)

@@ -78,8 +78,8 @@ _HELP = {
     "schedule": "none, multistep (with --milestones), cosine, step (with --step-size)",
     "amp": "none, bf16 or fp16 (fp16 needs CUDA)",
     "final_lr": "AdaBound's final (SGD-like) learning rate",
-    "fused": "compile every DessiLBI update, the small layers' too (without it, a model with "
-             "over 4 M weights in large layers compiles those on the first step)",
+    "fused": "compile the DessiLBI update of every large layer (without it, only a model with "
+             "over 4 M weights in large layers compiles them, on the first step)",
     "max_train_batches": "truncate every epoch to this many batches (0: whole epoch)",
     "path_every": "record the solution path every N epochs (0: never)",
     "name": "run folder name under --runs-dir (default: derived from the configuration)",

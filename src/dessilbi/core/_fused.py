@@ -159,40 +159,6 @@ def _prepare_part(idx: list[int], first: bool, params: list[Tensor], grads: list
     return update, norms
 
 
-def fused_buckets(pending: list[tuple[Any, Tensor | float, dict[str, Any]]],
-                  cache: dict[str, Any]) -> None:
-    """Compiled update of flat buckets (:mod:`.flat`) whose gradients are gathered (sign, mask
-    and weight decay applied, first-step momentum rows prepared: :func:`.flat.gather`), all in
-    one call: ``pending`` holds (bucket, λ, the group's hyper-parameters). The filter norms of
-    V are taken eagerly (one row reduction per bucket) and enter as scales. With the parameters
-    adopted by their buckets (:mod:`.arena`) the weights are updated where they live."""
-    from .flat import group_shrink
-
-    if "buckets" not in cache:
-        cache["buckets"] = _Compiled(_update_many)
-    scalars = cache.setdefault("scalars", _ScalarCache())
-    items = []
-    for bucket, lam, hp in pending:
-        w, momentum, nu = bucket.weights, hp["momentum"], hp["nu"]
-        h = scalars.get(w.device, w.dtype, dict(
-            lr=float(hp["lr"]), kappa=hp["kappa"], nu_inv=0.0 if math.isinf(nu) else 1.0 / nu,
-            lam=float(lam) if bucket.penalty == "lasso" else 0.0, wd=0.0, momentum=momentum,
-            buf_keep=momentum, grad_coef=1.0 - hp["dampening"]))
-        scales = [group_shrink(bucket.v, lam, hp["kappa"], hp["group_norm"])] \
-            if bucket.penalty == "group" else []
-        items.append(([w], [bucket.grads], [bucket.buf] if momentum != 0.0 else [],
-                      [bucket.v] if bucket.penalty != "none" else [], scales, h,
-                      bucket.penalty, momentum != 0.0, hp["nesterov"], False,
-                      hp["pull"] == "outside"))
-    cache["buckets"](items)
-
-
-def bucket_compilable(penalty: str, lam: Tensor | float) -> bool:
-    """Whether :func:`fused_buckets` can update a bucket: every penalty but a ``lasso`` with
-    per-row thresholds (its thresholds would enter the graph as a tensor of their own)."""
-    return penalty != "lasso" or not isinstance(lam, Tensor)
-
-
 def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
     """Compiled DessiLBI step over several bundles (param groups × penalties) at once.
 
