@@ -88,6 +88,7 @@ def test_views_and_shared_storages_are_copied_in_and_out_instead() -> None:
     assert not arena.adoptable(torch.randn(4, 4)[:, :2])
     assert not arena.adoptable(torch.randn(4, 4, device="meta"))
     assert arena.adoptable(nn.Parameter(torch.randn(4, 4)))
+    assert not arena.adoptable(nn.Parameter(torch.randn(4, 4)).share_memory_())
 
     class Tied(nn.Module):  # two parameters over one storage stay tied
         def __init__(self) -> None:
@@ -113,3 +114,14 @@ def test_views_and_shared_storages_are_copied_in_and_out_instead() -> None:
     assert held and not any(b.adopted for b in held)
     assert model.a.data_ptr() + model.a.nbytes == model.b.data_ptr()
     assert torch.equal(model.a, ref.a) and torch.equal(model.b, ref.b)
+
+
+def test_parameters_in_shared_memory_stay_there() -> None:
+    """Hogwild training: every process steps the same shared parameters."""
+    model = make_model().share_memory()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    opt = stepped(model, 3)
+    held = buckets(opt)
+    assert held and not any(b.adopted for b in held)
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert all(p.is_shared() for p in model.parameters())

@@ -15,8 +15,9 @@ backward still raises, as under any ``torch.optim`` optimizer.
 
 What changes for the user: a reference to ``p.data`` taken before the first step no longer
 follows the parameter after it, as after ``model.to(...)``. Parameters that are views of
-another tensor, share their storage, or are not plain CPU tensors are not adopted (their
-bucket copies them in and out instead); ``DessiLBI(foreach=False)`` turns buckets off.
+another tensor, share their storage, live in shared memory or are not plain CPU tensors are
+not adopted (their bucket copies them in and out instead); ``DessiLBI(foreach=False)`` turns
+buckets off.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ ALIGN = 64  # bytes: the arena starts on a cache line, as torch's own allocation
 
 def adoptable(p: Tensor) -> bool:
     """Whether ``p`` can be moved into an arena: a contiguous CPU leaf tensor (``Tensor`` or
-    ``Parameter``, no subclass) that is the only tensor over its whole storage."""
+    ``Parameter``, no subclass) that is the only tensor over its whole storage, in private
+    memory (a tensor in shared memory, ``model.share_memory()``, is updated by other processes
+    too: it stays where they see it)."""
     if type(p) not in (Tensor, torch.nn.Parameter) or p.device.type != "cpu":
         return False
     if not p.is_leaf or p._base is not None or not p.is_contiguous() or p.is_inference():
         return False
-    if p.layout != torch.strided or p.is_pinned():
+    if p.layout != torch.strided or p.is_pinned() or p.is_shared():
         return False
     return p.storage_offset() == 0 and \
         p.untyped_storage().nbytes() == p.numel() * p.element_size()
