@@ -452,7 +452,7 @@ def test_fused_compiled_path_matches_foreach(nesterov):
         assert torch.equal(opts[0].support(p), opts[1].support(q))
 
 
-def test_fused_none_compiles_the_large_tensors_of_a_large_model_only(monkeypatch):
+def test_fused_none_compiles_the_large_tensors_of_a_large_model_only(monkeypatch, caplog):
     from dessilbi.core import flat
     from dessilbi.core import optim as optim_module
 
@@ -469,7 +469,9 @@ def test_fused_none_compiles_the_large_tensors_of_a_large_model_only(monkeypatch
     eager, ref = run()  # the default on a small model: nothing compiled
     assert "_compiled" not in eager.__dict__
     monkeypatch.setattr(optim_module, "AUTO_COMPILE_NUMEL", 500)  # the model is large now
-    auto, model = run()
+    with caplog.at_level("INFO", logger="dessilbi.core._fused"):
+        auto, model = run()
+    assert "compiling the update of" in caplog.text  # the slow first step is explained
     assert auto.__dict__["_compiled"]["update"].compiled is not None
     assert "buckets" not in auto.__dict__["_compiled"]  # the small tensors stay eager
     for p, q in zip(ref.parameters(), model.parameters()):

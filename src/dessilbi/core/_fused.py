@@ -166,6 +166,10 @@ def fused_step(bundles: list[dict[str, Any]], cache: dict[str, Any]) -> None:
     :func:`dessilbi.core.update.dessilbi_update`; ``bufs`` is completed in place.
     """
     if "update" not in cache:
+        # the first step of this optimizer compiles: say why it takes seconds, once
+        log.info("DessiLBI: compiling the update of %d tensors with torch.compile (the first "
+                 "step takes seconds; fused=False keeps the eager step)",
+                 sum(len(b["params"]) for b in bundles))
         cache["update"] = _Compiled(_update_many)
         cache["scales"] = _Compiled(_scales_many)
         cache["scalars"] = _ScalarCache()
