@@ -136,4 +136,3 @@ def test_a_lone_large_tensor_skips_the_bucket_and_steps_the_same() -> None:
     assert id(model[3].weight) not in bucketed and id(model[1].bias) in bucketed
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
-

@@ -52,8 +52,7 @@ def adopt(params: Sequence[Tensor], k: int) -> Tensor:
     """Move ``params`` (one dtype) into one arena, row after row, and return it as an
     ``(R, K)`` tensor: parameter i is rows ``sum(rows[:i])`` to ``sum(rows[:i+1])``, with its
     own storage over them. The values are copied; nothing else about the parameters changes."""
-    dtype = params[0].dtype
-    size = torch.empty((), dtype=dtype).element_size()
+    dtype, size = params[0].dtype, params[0].element_size()
     total = sum(p.numel() for p in params)
     memory = bytearray(total * size + ALIGN)
     base = torch.frombuffer(memory, dtype=torch.uint8, count=1).data_ptr()
