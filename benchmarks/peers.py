@@ -75,6 +75,7 @@ class Setup:
     support: str = "shrink"  # SparsityTarget's schedule of the support: shrink (1 → D) or grow
     fade: bool = False  # SparsityTarget fades the units outside supp(Γ) to zero by selection
     start_at: float = 0.0  # SparsityTarget's support schedule starts here (fraction of the run)
+    settle: float = 0.0  # SparsityTarget ramps the dropped units down this long after selection
 
 
 @dataclass
@@ -194,7 +195,7 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          select_at=setup.select_at, schedule=setup.support,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else (),
-                         fade=setup.fade, start_at=setup.start_at)
+                         fade=setup.fade, start_at=setup.start_at, settle=setup.settle)
     head_name = name_of(model, head)
 
     def after_epoch(epoch: int) -> None:
@@ -351,6 +352,9 @@ def main() -> None:
                          "the selection step")
     ap.add_argument("--start-at", type=float, default=0.0,
                     help="SparsityTarget's support schedule starts at this fraction of the run")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="SparsityTarget ramps the units outside the chosen support down to "
+                         "zero over this fraction of the run after the selection")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     ap.add_argument("--trace", type=Path, help="JSON lines, appended: after every epoch of a "
                     "dessilbi run, the accuracy of the whole and of the pruned network")
@@ -365,7 +369,7 @@ def main() -> None:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
                       args.whole_first, args.pull, args.select_at, args.support, args.fade,
-                      args.start_at)
+                      args.start_at, args.settle)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())

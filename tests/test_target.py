@@ -188,7 +188,8 @@ def test_an_optimizer_state_saved_before_pull_existed_loads_as_the_papers_iterat
     assert {g["pull"] for g in opt.param_groups} == {"all"}
 
 
-@pytest.mark.parametrize("kw", [{}, {"fade": True, "select_at": 0.8}])
+@pytest.mark.parametrize("kw", [{}, {"fade": True, "select_at": 0.8},
+                                {"select_at": 0.3, "settle": 0.4}])
 def test_resume_is_bit_for_bit(kw):
     batches = data(10)
     model = conv_net()
@@ -246,6 +247,38 @@ def test_fade_scales_the_dropped_units_to_zero_by_the_selection(update_every):
     assert dropped.any() and (conv.weight[dropped] == 0).all() and (conv.bias[dropped] == 0).all()
 
 
+def test_settle_ramps_the_dropped_units_down_then_fixes_the_mask():
+    # Naive reference: from T_s on, after step t every unit outside the support chosen at T_s
+    # (weights and coupled bias) holds (T_e − t) / (T_e − T_s + 1) of what training gives it;
+    # here no optimizer step runs after T_s, so that is of its weights at T_s.
+    model = conv_net()
+    batches = data(4)
+    opt, target = setup(model, 0.3, 20, batches[0][0][:1], select_at=0.2, settle=0.3)
+    run(model, opt, target, batches)  # T_s = 4: the support is chosen, the ramp starts
+    t_s, t_e = target.select_step, target.fix_step
+    assert (t_s, t_e) == (4, 10) and not target.frozen
+    assert {g["nu"] for g in target._penalised_groups()} == {math.inf}
+    conv = model[0]
+    kept = opt.support(conv.weight).flatten(1).any(1)
+    assert (~kept).any() and kept.any()
+    weight0, bias0 = conv.weight.detach().clone(), conv.bias.detach().clone()
+    first = (t_e - t_s) / (t_e - t_s + 1)  # the ramp's factor after T_s itself
+    weight0[~kept] /= first
+    bias0[~kept] /= first
+    for t in range(t_s + 1, t_e):
+        target.step()
+        share = (t_e - t) / (t_e - t_s + 1)
+        torch.testing.assert_close(conv.weight[~kept], weight0[~kept] * share)
+        torch.testing.assert_close(conv.bias[~kept], bias0[~kept] * share)
+        torch.testing.assert_close(conv.weight[kept], weight0[kept])
+        assert torch.equal(opt.support(conv.weight).flatten(1).any(1), kept)
+    assert not target.frozen
+    target.step()
+    assert target.frozen and target.unit_density() == pytest.approx(0.3, abs=0.03)
+    assert (conv.weight[~kept] == 0).all() and (conv.bias[~kept] == 0).all()
+    assert torch.equal(opt.state[conv.weight]["mask"].flatten(1).any(1), kept)
+
+
 def test_the_schedule_waits_for_start_at_then_reaches_the_target():
     model = conv_net()
     batches = data(10)
@@ -298,7 +331,8 @@ def test_bad_arguments_name_the_field():
                       (dict(total_steps=0), "total_steps"), (dict(select_at=0), "select_at"),
                       (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation"),
                       (dict(pull="x"), "pull"), (dict(start_at=0.3), "start_at"),
-                      (dict(start_at=-0.1), "start_at")):
+                      (dict(start_at=-0.1), "start_at"), (dict(settle=0.9), "settle"),
+                      (dict(settle=-0.1), "settle")):
         args = {"density": 0.5, "total_steps": 10, **kw}
         with pytest.raises(ValueError, match=field):
             SparsityTarget(opt, **args)

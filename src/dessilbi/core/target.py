@@ -118,7 +118,8 @@ def _units_within_cost(scores: Tensor, sizes: list[int],
 
 def _check_arguments(density: float | None, macs: float | None, cost: object, total_steps: int,
                      select_at: float, path_speed: float, min_units: int, schedule: str,
-                     allocation: str, pull: str | None, start_at: float) -> None:
+                     allocation: str, pull: str | None, start_at: float,
+                     settle: float = 0.0) -> None:
     """Raise ``ValueError`` naming the field for the first invalid argument of
     :class:`SparsityTarget`."""
     if (density is None) == (macs is None):
@@ -136,6 +137,7 @@ def _check_arguments(density: float | None, macs: float | None, cost: object, to
          "must be a positive integer"),
         ("select_at", select_at, 0.0 < select_at <= 1.0, "must be in (0, 1]"),
         ("start_at", start_at, 0.0 <= start_at < select_at, "must be in [0, select_at)"),
+        ("settle", settle, 0.0 <= settle <= 1.0 - select_at, "must be in [0, 1 - select_at]"),
         ("path_speed", path_speed, path_speed > 0.0, "must be > 0"),
         ("min_units", min_units, isinstance(min_units, int) and min_units >= 0,
          "must be an integer >= 0"),
@@ -209,6 +211,13 @@ class SparsityTarget:
             four LeNet-5 / Fashion-MNIST cells it scored 0.10–1.31 points below (docs/peers.md).
         start_at: the support schedule starts at this fraction of the run (every unit kept
             before with ``"shrink"``, none with ``"grow"``), as OTO starts pruning at 10 %.
+        settle: with ``freeze``, a fraction of the run after T_s over which the units outside
+            the chosen support (and their ``coupled`` tensors) ramp down to zero before the
+            mask is fixed at T_e = T_s + ``settle`` · ``total_steps``: the support is held
+            and the coupling released at T_s, and after step t every dropped unit holds
+            (T_e − t) / (T_e − T_s + 1) of the weights it would have, so the network passes
+            from the whole one to the subnetwork without the jump of a sudden mask. 0 (the
+            default) fixes the mask at T_s.
     """
 
     def __init__(
@@ -232,10 +241,11 @@ class SparsityTarget:
         whole: Sequence[Tensor] = (),
         fade: bool = False,
         start_at: float = 0.0,
+        settle: float = 0.0,
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         _check_arguments(density, macs, cost, total_steps, select_at, path_speed, min_units,
-                         schedule, allocation, pull, start_at)
+                         schedule, allocation, pull, start_at, settle)
         self.optimizer = opt
         self.params = opt.penalised_params()
         if not self.params:
@@ -247,6 +257,7 @@ class SparsityTarget:
         self.macs, self.cost = macs, cost
         self.select_step = max(1, round(select_at * total_steps))
         self.start_step = round(start_at * total_steps)
+        self.fix_step = self.select_step + round(settle * total_steps)
         self.schedule, self.allocation, self.min_units = schedule, allocation, min_units
         self.update_every = update_every or max(1, self.select_step // 200)
         self.coupled = {id(p): list(v) for p, v in (coupled or {}).items()}
@@ -292,17 +303,32 @@ class SparsityTarget:
                                 self.schedule, self.start_step)
 
     def step(self) -> None:
-        """Advance one optimizer step: update λ on schedule, fix the mask at selection."""
+        """Advance one optimizer step: update λ on schedule, fix the mask at selection (or
+        ramp the dropped units down until ``settle`` ends)."""
         if self.frozen:
             return
         self.step_count += 1
-        selecting = self.step_count >= self.select_step
-        if selecting or self.step_count % self.update_every == 0:
+        t = self.step_count
+        selecting = t >= self.select_step
+        if self.freeze and t > self.select_step:  # settling: the support is held
+            self._settle_or_fix()
+            return
+        if selecting or t % self.update_every == 0:
             self._set_thresholds(self.target_now())
             if self.fade and not selecting:
                 self._fade_outside()
         if selecting and self.freeze:
+            self._release_coupling()
+            self._settle_or_fix()
+
+    def _settle_or_fix(self) -> None:
+        """Scale the dropped units by (T_e − t) / (T_e − t + 1) before T_e, fix the mask at
+        T_e (the ramp's last factor would be 0)."""
+        t, t_e = self.step_count, self.fix_step
+        if t >= t_e:
             self._fix_mask()
+        else:
+            self._scale_outside((t_e - t) / (t_e - t + 1))
 
     @torch.no_grad()
     def _set_thresholds(self, fraction: float) -> None:
@@ -354,16 +380,22 @@ class SparsityTarget:
         step t₀ on is multiplied by (T_s − t) / (T_s − t₀), a ramp that reaches zero at T_s,
         so the network is already the subnetwork when the mask is fixed."""
         t, t_s = self.step_count, self.select_step
-        factor = (t_s - t) / (t_s - max(0, t - self.update_every))
+        self._scale_outside((t_s - t) / (t_s - max(0, t - self.update_every)))
+
+    @torch.no_grad()
+    def _scale_outside(self, factor: float) -> None:
         for p, shaped in self._unit_masks(kept=False):
             p.mul_(torch.where(shaped, factor, 1.0).to(p.dtype))
+
+    def _release_coupling(self) -> None:
+        for group in self._penalised_groups():
+            group["nu"] = math.inf  # V and Γ stop: the support is the mask from now on
 
     @torch.no_grad()
     def _fix_mask(self) -> None:
         for p, shaped in self._unit_masks(kept=True):
             self.optimizer.set_mask(p, shaped)
-        for group in self._penalised_groups():
-            group["nu"] = math.inf  # V and Γ stop: the support is the mask from now on
+        self._release_coupling()
         self.frozen = True
 
     def _unit_masks(self, kept: bool) -> list[tuple[Tensor, Tensor]]:
