@@ -70,6 +70,8 @@ def setting(row: dict[str, Any]) -> str:
         parts.append(f"from {row['start_at']:g}")
     if row.get("fade"):
         parts.append("fade")
+    if row.get("settle"):
+        parts.append(f"settle {row['settle']:g}")
     return " / ".join(parts)
 
 

@@ -217,7 +217,8 @@ class SparsityTarget:
             and the coupling released at T_s, and after step t every dropped unit holds
             (T_e − t) / (T_e − T_s + 1) of the weights it would have, so the network passes
             from the whole one to the subnetwork without the jump of a sudden mask. 0 (the
-            default) fixes the mask at T_s.
+            default) fixes the mask at T_s: on Conv-4 / Fashion-MNIST (seed 1, 30 % of
+            units) ``settle=0.1`` scored 91.61 % against 91.56 % (docs/peers.md).
     """
 
     def __init__(
