@@ -29,6 +29,9 @@ def test_a_row_lacking_a_setting_reads_as_the_value_it_had_then():
     assert peers_report.setting(row("dessilbi", 0, 90.0, support="shrink", pull="outside",
                                     select_at=0.3, settle=0.1)) == \
         "dessilbi shrink / outside / 0.3 / settle 0.1"
+    assert peers_report.setting(row("dessilbi", 0, 90.0, support="shrink", pull="outside",
+                                    select_at=0.3, ranking="hand:[1,2]")) == \
+        "dessilbi shrink / outside / 0.3 / hand:[1,2]"
 
 
 def test_cells_one_line_per_seed_and_a_column_per_setting():
