@@ -332,7 +332,7 @@ def test_bad_arguments_name_the_field():
                       (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation"),
                       (dict(pull="x"), "pull"), (dict(start_at=0.3), "start_at"),
                       (dict(start_at=-0.1), "start_at"), (dict(settle=0.9), "settle"),
-                      (dict(settle=-0.1), "settle")):
+                      (dict(settle=-0.1), "settle"), (dict(settle=0.1, freeze=False), "settle")):
         args = {"density": 0.5, "total_steps": 10, **kw}
         with pytest.raises(ValueError, match=field):
             SparsityTarget(opt, **args)

@@ -119,7 +119,7 @@ def _units_within_cost(scores: Tensor, sizes: list[int],
 def _check_arguments(density: float | None, macs: float | None, cost: object, total_steps: int,
                      select_at: float, path_speed: float, min_units: int, schedule: str,
                      allocation: str, pull: str | None, start_at: float,
-                     settle: float = 0.0) -> None:
+                     settle: float, freeze: bool) -> None:
     """Raise ``ValueError`` naming the field for the first invalid argument of
     :class:`SparsityTarget`."""
     if (density is None) == (macs is None):
@@ -149,6 +149,9 @@ def _check_arguments(density: float | None, macs: float | None, cost: object, to
         raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"invalid allocation={allocation!r}: choose one of {ALLOCATIONS}")
+    if settle and not freeze:
+        raise ValueError(f"invalid settle={settle!r} with freeze=False: the ramp ends in the "
+                         "fixed mask; the pure path has none")
     if pull is not None and pull not in TARGET_PULLS:
         raise ValueError(f"invalid pull={pull!r}: choose one of {TARGET_PULLS} or None")
 
@@ -246,7 +249,7 @@ class SparsityTarget:
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         _check_arguments(density, macs, cost, total_steps, select_at, path_speed, min_units,
-                         schedule, allocation, pull, start_at, settle)
+                         schedule, allocation, pull, start_at, settle, freeze)
         self.optimizer = opt
         self.params = opt.penalised_params()
         if not self.params:
