@@ -3,7 +3,8 @@
     python benchmarks/peers_report.py docs/peers/*.jsonl --figure docs/peers/accuracy_vs_macs.png
 
 Prints one markdown table per (model, dataset): per target, the mean over seeds of the pruned
-accuracy (no fine-tune), the achieved fraction of units kept and the MACs ratio of each method.
+accuracy (no fine-tune), the achieved fraction of units kept and the MACs ratio of each method
+(DessiLBI: of each setting of its target, never averaged together).
 With ``--cells``, one table of every (model, dataset, target, seed) instead, a column per method
 and per setting of DessiLBI's target (support, pull, selection), and their means.
 """
@@ -25,31 +26,39 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Per target, the mean over seeds of each column (a method, or a setting of DessiLBI's
+    target, as in :func:`cells_table`), the best in bold; the last line: each column's mean over
+    the targets it has, and how many."""
     cells: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        cells[(r["method"], r["target"])].append(r)
+        if r["method"] != "dense":
+            cells[(setting(r), r["target"])].append(r)
     dense = [r["accuracy"] for r in rows if r["method"] == "dense"]
-    methods = [m for m in ORDER if any(k[0] == m for k in cells)]
-    targets = sorted({t for m, t in cells if m != "dense"})
+    columns = sorted({c for c, _ in cells}, key=lambda c: (ORDER.index(c.split()[0]), c))
+    targets = sorted({t for _, t in cells})
     seeds = sorted({r["seed"] for r in rows})
-    out = [f"Dense SGD-momentum: {statistics.mean(dense):.2f} % (seeds {seeds}).", "",
-           "| units kept (target) | " + " | ".join(methods) + " |",
-           "|---" * (len(methods) + 1) + "|"]
+    out = [f"Dense SGD-momentum: {statistics.mean(dense):.2f} % (seeds {seeds})." if dense
+           else f"Seeds {seeds}; no dense run in these rows.", "",
+           "| units kept (target) | " + " | ".join(columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+    means: dict[str, list[float]] = defaultdict(list)
     for t in targets:
+        accs = {c: statistics.mean(r["accuracy"] for r in cells[(c, t)])
+                for c in columns if cells.get((c, t))}
         line = []
-        best = max(statistics.mean(r["accuracy"] for r in cells[(m, t)])
-                   for m in methods if cells.get((m, t)))
-        for m in methods:
-            got = cells.get((m, t))
-            if not got:
+        for c in columns:
+            if c not in accs:
                 line.append("—")
                 continue
-            acc = statistics.mean(r["accuracy"] for r in got)
+            got = cells[(c, t)]
+            means[c].append(accs[c])
             units = statistics.mean(r["units"] for r in got)
             macs = statistics.mean(r["macs"] for r in got)
-            text = f"{acc:.2f} ({units:.2f} u, {macs:.2f} M, n={len(got)})"
-            line.append(f"**{text}**" if acc == best else text)
+            text = f"{accs[c]:.2f} ({units:.2f} u, {macs:.2f} M, n={len(got)})"
+            line.append(f"**{text}**" if accs[c] == max(accs.values()) else text)
         out.append(f"| {t:.2f} | " + " | ".join(line) + " |")
+    out.append("| mean (targets) | " + " | ".join(
+        f"{statistics.mean(means[c]):.2f} ({len(means[c])})" for c in columns) + " |")
     return "\n".join(out)
 
 
@@ -122,7 +131,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), "o", label=m, alpha=0.8)
         dense = [r["accuracy"] for r in sel if r["method"] == "dense"]
-        ax.axhline(statistics.mean(dense), color="grey", ls="--", label="dense")
+        if dense:
+            ax.axhline(statistics.mean(dense), color="grey", ls="--", label="dense")
         ax.set(title=f"{model} / {dataset}", xlabel="MACs of the pruned model / dense",
                ylabel="test accuracy, no fine-tune (%)", ylim=(max(0, min(
                    r["accuracy"] for r in sel) - 2), 100))

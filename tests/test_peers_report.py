@@ -46,3 +46,20 @@ def test_cells_one_line_per_seed_and_a_column_per_setting():
                         "**91.50 (0.250)** |")
     assert lines[3] == "| conv4, fashion-mnist, 0.50, 1 | — | **92.00 (0.250)** | 91.00 (0.250) |"
     assert lines[4] == "| mean (cells) | 90.00 (1) | 91.50 (2) | 91.25 (2) |"
+
+
+def test_table_averages_seeds_per_setting_never_across_settings():
+    rows = [{**r, "units": 0.5} for r in (
+        row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
+        row("dessilbi", 1, 92.0, support="shrink", pull="outside", select_at=0.3),
+        row("dessilbi", 0, 80.0, pull="conv-outside"), row("oto", 0, 91.0),
+        row("oto", 1, 91.0))]
+    lines = peers_report.table(rows).splitlines()
+    assert lines[0] == "Seeds [0, 1]; no dense run in these rows."
+    assert lines[2] == ("| units kept (target) | dessilbi grow / conv-outside / 0.5 | "
+                        "dessilbi shrink / outside / 0.3 | oto |")
+    assert lines[4] == ("| 0.50 | 80.00 (0.50 u, 0.25 M, n=1) | "
+                        "**91.50 (0.50 u, 0.25 M, n=2)** | 91.00 (0.50 u, 0.25 M, n=2) |")
+    assert lines[5] == "| mean (targets) | 80.00 (1) | 91.50 (1) | 91.00 (1) |"
+    with_dense = peers_report.table(rows + [{**row("dense", 0, 93.0), "units": 1.0}])
+    assert with_dense.splitlines()[0] == "Dense SGD-momentum: 93.00 % (seeds [0, 1])."
