@@ -286,3 +286,15 @@ def test_the_catalog_names_exactly_what_is_registered(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in [*MODELS, *DATASETS, *OPTIMIZERS])
+
+
+def test_version_names_dessilbi_and_torch(capsys):
+    import torch
+
+    import dessilbi
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == \
+        f"dessilbi {dessilbi.__version__} (torch {torch.__version__})"

@@ -168,9 +168,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- parser
+def _version() -> str:
+    import torch
+
+    from .. import __version__
+
+    return f"dessilbi {__version__} (torch {torch.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="dessilbi", description="Train with DessiLBI and read off "
                "the sparse structure it finds.")
+    p.add_argument("-V", "--version", action="version", version=_version(),
+                   help="the versions of dessilbi and torch, then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (also DESSILBI_DEBUG=1)")
