@@ -168,18 +168,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- parser
-def _version() -> str:
-    import torch
+class _Version(argparse.Action):
+    """``--version``: imports torch only when asked (``--help`` and parsing never load it)."""
 
-    from .. import __version__
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import torch
 
-    return f"dessilbi {__version__} (torch {torch.__version__})"
+        from .. import __version__
+
+        parser.exit(message=f"dessilbi {__version__} (torch {torch.__version__})\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="dessilbi", description="Train with DessiLBI and read off "
                "the sparse structure it finds.")
-    p.add_argument("-V", "--version", action="version", version=_version(),
+    p.add_argument("-V", "--version", action=_Version, nargs=0,
                    help="the versions of dessilbi and torch, then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true",
