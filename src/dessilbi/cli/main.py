@@ -176,7 +176,8 @@ class _Version(argparse.Action):
 
         from .. import __version__
 
-        parser.exit(message=f"dessilbi {__version__} (torch {torch.__version__})\n")
+        sys.stdout.write(f"dessilbi {__version__} (torch {torch.__version__})\n")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
