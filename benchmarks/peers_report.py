@@ -25,6 +25,11 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
     return [json.loads(line) for p in paths for line in p.read_text().splitlines() if line]
 
 
+def ordered(columns: set[str]) -> list[str]:
+    """Columns as the tables show them: by method (``ORDER``), then by setting."""
+    return sorted(columns, key=lambda c: (ORDER.index(c.split()[0]), c))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Per target, the mean over seeds of each column (a method, or a setting of DessiLBI's
     target, as in :func:`cells_table`), the best in bold; the last line: each column's mean over
@@ -34,7 +39,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["method"] != "dense":
             cells[(setting(r), r["target"])].append(r)
     dense = [r["accuracy"] for r in rows if r["method"] == "dense"]
-    columns = sorted({c for c, _ in cells}, key=lambda c: (ORDER.index(c.split()[0]), c))
+    columns = ordered({c for c, _ in cells})
     targets = sorted({t for _, t in cells})
     seeds = sorted({r["seed"] for r in rows})
     out = [f"Dense SGD-momentum: {statistics.mean(dense):.2f} % (seeds {seeds})." if dense
@@ -45,6 +50,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for t in targets:
         accs = {c: statistics.mean(r["accuracy"] for r in cells[(c, t)])
                 for c in columns if cells.get((c, t))}
+        best = max(accs.values())
         line = []
         for c in columns:
             if c not in accs:
@@ -55,7 +61,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             units = statistics.mean(r["units"] for r in got)
             macs = statistics.mean(r["macs"] for r in got)
             text = f"{accs[c]:.2f} ({units:.2f} u, {macs:.2f} M, n={len(got)})"
-            line.append(f"**{text}**" if accs[c] == max(accs.values()) else text)
+            line.append(f"**{text}**" if accs[c] == best else text)
         out.append(f"| {t:.2f} | " + " | ".join(line) + " |")
     out.append("| mean (targets) | " + " | ".join(
         f"{statistics.mean(means[c]):.2f} ({len(means[c])})" for c in columns) + " |")
@@ -94,8 +100,7 @@ def cells_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["method"] != "dense":
             got[(r["model"], r["dataset"], r["target"], r["seed"])][setting(r)].append(r)
-    columns = sorted({c for cell in got.values() for c in cell},
-                     key=lambda c: (ORDER.index(c.split()[0]), c))
+    columns = ordered({c for cell in got.values() for c in cell})
     out = ["| model, data, units, seed | " + " | ".join(columns) + " |",
            "|---" * (len(columns) + 1) + "|"]
     scores: dict[str, list[float]] = defaultdict(list)
