@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--pull", default="outside", choices=TARGET_PULLS,
                     help="with --target-density: the units the coupling pulls W on "
                          "(default: the target's default)")
+    ap.add_argument("--data-dir", default="data", help="where the dataset's files are")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--max-batches", type=int, default=0,
                     help="time the first N batches of each epoch (0: whole epochs)")
     args = ap.parse_args()
@@ -52,7 +54,7 @@ def main() -> None:
         cfg = TrainConfig(model=args.model, dataset=args.dataset, optimizer=opt, nu=args.nu,
                           batch_size=args.batch_size, fused=args.fused and lbi, lr=args.lr,
                           epochs=args.epochs, target_density=args.target_density if lbi else None,
-                          pull=args.pull)
+                          pull=args.pull, data_dir=args.data_dir, device=args.device)
         runs[opt] = build(cfg)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for epoch in range(args.epochs):
@@ -62,19 +64,22 @@ def main() -> None:
                 idx = idx[:args.max_batches * args.batch_size]
             b.model.train()
             t0 = time.perf_counter()
-            for x, y in _batches(b.train_set, idx, args.batch_size, 0, False):
+            for x, y in _batches(b.train_set, idx, args.batch_size, 0, b.device.type == "cuda"):
+                x, y = x.to(b.device, non_blocking=True), y.to(b.device, non_blocking=True)
                 loss = nn.functional.cross_entropy(b.model(x), y)
                 b.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 b.optimizer.step()
                 if b.target is not None:
                     b.target.step()
+            if b.device.type == "cuda":
+                torch.cuda.synchronize(b.device)
             times[name].append(time.perf_counter() - t0)
     sgd, lbi = (statistics.median(times[k]) for k in ("sgd-momentum", "dessilbi"))
     part = f" of {args.max_batches} batches" if args.max_batches else ""
     print(f"{args.model} on {runs['dessilbi'].cfg.dataset}, batch {args.batch_size}, "
           f"{args.epochs} alternating epochs{part}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{runs['dessilbi'].device}, {torch.get_num_threads()} threads")
     print(f"SGD-momentum median epoch {sgd:.3f} s; DessiLBI {lbi:.3f} s; ratio {lbi / sgd:.3f}")
 
 

@@ -44,19 +44,24 @@ from torch import Tensor
 
 from .arena import adopt, adoptable, bump_versions
 
-__all__ = ["FlatBucket", "MAX_NUMEL", "SOLO_NUMEL", "bucket_key", "eligible", "flat_step", "gather",
-           "group_shrink", "worth_bucketing", "write_back"]
+__all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
+           "flat_step", "gather", "group_shrink", "worth_bucketing", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
+# on CUDA a launch costs as much as a pass over megabytes (4.8 TB/s), so tensors far larger
+# than on CPU gain from sharing a bucket's kernels (H200 measurements: docs/cuda.md)
+MAX_NUMEL_CUDA = 1 << 22
 FLAT_PENALTIES = ("group", "lasso", "none")  # the layouts this module knows
 SOLO_NUMEL = 1 << 14  # entries: a bucket of one larger tensor is left to the per-tensor loop
 
 
 def eligible(p: Tensor, penalty: str) -> bool:
-    """Whether ``p`` can live in a flat bucket (dense, contiguous, real, not too large)."""
+    """Whether ``p`` can live in a flat bucket: dense, contiguous, real, on the CPU or a CUDA
+    device, and not too large for that device (:data:`MAX_NUMEL`, :data:`MAX_NUMEL_CUDA`)."""
+    limit = {"cpu": MAX_NUMEL, "cuda": MAX_NUMEL_CUDA}.get(p.device.type, 0)
     return (penalty in FLAT_PENALTIES and p.layout == torch.strided and p.is_contiguous()
-            and p.is_floating_point() and 0 < p.numel() <= MAX_NUMEL)
+            and p.is_floating_point() and 0 < p.numel() <= limit)
 
 
 def worth_bucketing(params: Sequence[Tensor]) -> bool:
