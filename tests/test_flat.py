@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dessilbi import DessiLBI, lbi_param_groups
 from dessilbi.core import flat
@@ -136,3 +137,59 @@ def test_a_lone_large_tensor_skips_the_bucket_and_steps_the_same() -> None:
     assert id(model[3].weight) not in bucketed and id(model[1].bias) in bucketed
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) or "defaults" for v in VARIANTS])
+def test_the_batched_step_is_the_per_tensor_loop_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch, variant: dict) -> None:
+    # CUDA's form of the bucket step (multi-tensor operations across buckets), forced on the CPU
+    from dessilbi.core import optim as optim_module
+
+    monkeypatch.setattr(optim_module, "batched_on", lambda device: True)
+    test_the_flat_step_is_the_per_tensor_loop_bit_for_bit(variant)
+
+
+class CountOps(TorchDispatchMode):
+    """The aten operations dispatched (each at least one kernel launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(depth: int, **impl) -> tuple[int, int]:
+    """(operations of a step, flat buckets) of a convolutional model of ``depth`` layers whose
+    input widths all differ, so that each layer has a bucket of its own."""
+    torch.manual_seed(0)
+    widths = [3] + [4 + i for i in range(depth)]
+    layers = [m for c_in, c_out in zip(widths, widths[1:])
+              for m in (nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU())]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(widths[-1] * 8 * 8, 10))
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=2.0, **impl)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    for step in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step < 2:
+            opt.step()
+    with CountOps() as counted:
+        opt.step()
+    buckets = [b for b in opt.__dict__.get("_flat", {}).values() if isinstance(b, flat.FlatBucket)]
+    return counted.count, len(buckets)
+
+
+def test_a_step_launches_one_operation_per_bucket_and_a_few_for_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dessilbi.core import optim as optim_module
+
+    monkeypatch.setattr(optim_module, "batched_on", lambda device: True)
+    (shallow, few), (deep, many) = ops_per_step(2), ops_per_step(10)
+    assert many >= few + 8  # a bucket per layer
+    assert deep - shallow == many - few  # its filter norms: a row reduction per bucket
+    assert shallow <= 30
+    # the multi-tensor path makes a few operations per tensor
+    assert ops_per_step(10, foreach=True)[0] > 2 * deep

@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 
 from .bundle import Bundle
 from .checks import PULLS, check_grad, check_group, check_params
-from .flat import FlatBucket, bucket_key, eligible, flat_step, worth_bucketing
+from .flat import FlatBucket, batched_on, bucket_key, eligible, flat_step, worth_bucketing
 from .penalties import prox
 from .update import dessilbi_update
 
@@ -263,8 +263,8 @@ class DessiLBI(Optimizer):
                     masked.append((p, mask))
                 bundles[(pen, state.get("lambda_", group["lambda_"]))].add(
                     p, state, mask, group["maximize"])
-            for key, params in buckets.items():
-                self._flat_step(index, key, params, group)
+            if buckets:
+                self._flat_steps(index, buckets, group)
             for (pen, lam), bundle in bundles.items():
                 hp = {k: group[k] for k in ("lr", "kappa", "nu", "group_norm", "momentum",
                                             "dampening", "nesterov", "weight_decay", "pull")}
@@ -336,24 +336,39 @@ class DessiLBI(Optimizer):
         cache[("plan", index)] = (group["penalty"], with_grad, dict(buckets), others)
         return buckets, others
 
-    def _flat_step(self, index: int, key: tuple[Any, ...], params: list[Tensor],
-                   group: dict[str, Any]) -> None:
-        """The step of one flat bucket (:mod:`.flat`), rebuilding it when its tensors or their
-        state changed since the last step."""
+    def _flat_steps(self, index: int, planned: dict[tuple[Any, ...], list[Tensor]],
+                    group: dict[str, Any]) -> None:
+        """The step of a group's flat buckets (:mod:`.flat`), rebuilding a bucket when its
+        tensors or their state changed since the last step."""
         cache = self.__dict__.setdefault("_flat", {})
-        states = [self.state[p] for p in params]
-        bucket = cache.get((index, key))
-        if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
-            bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
+        by_kind: dict[tuple[Any, ...], list[tuple[FlatBucket, list[Tensor]]]] = defaultdict(list)
+        for key, params in planned.items():
+            states = [self.state[p] for p in params]
+            bucket = cache.get((index, key))
+            if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
+                bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
+            by_kind[key[2:]].append((bucket, params))  # (dtype, device)
+        for (_, device), together in by_kind.items():
+            # on CUDA all buckets step at once, on the CPU one after another (flat.batched_on)
+            batched = batched_on(device)
+            for held in [together] if batched else [[one] for one in together]:
+                self._flat_call(held, group, batched)
+
+    def _flat_call(self, held: list[tuple[FlatBucket, list[Tensor]]], group: dict[str, Any],
+                   batched: bool) -> None:
+        """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors)."""
+        states = [[self.state[p] for p in params] for _, params in held]
         lr = group["lr"]
-        flat_step(bucket, [p.grad for p in params], states,  # type: ignore[misc]
-                  [st.get("mask") for st in states],
-                  bucket.lambdas_of([st.get("lambda_", group["lambda_"]) for st in states]),
-                  lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"],
-                  nu=group["nu"], group_norm=group["group_norm"], momentum=group["momentum"],
-                  dampening=group["dampening"], nesterov=group["nesterov"],
-                  weight_decay=group["weight_decay"], maximize=group["maximize"],
-                  pull=group["pull"])
+        flat_step(
+            [b for b, _ in held], [[p.grad for p in params] for _, params in held],
+            states, [[st.get("mask") for st in sts] for sts in states],  # type: ignore[misc]
+            [b.lambdas_of([st.get("lambda_", group["lambda_"]) for st in sts])
+             for (b, _), sts in zip(held, states)],
+            lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"], nu=group["nu"],
+            group_norm=group["group_norm"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"], maximize=group["maximize"], pull=group["pull"],
+            batched=batched)
 
     def _compiled_cache(self) -> dict[str, Any]:
         # Held by the instance (not the module) so compiled kernels die with the optimizer.
