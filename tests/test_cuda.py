@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_optim_contract import IMPLEMENTATIONS, batch, make_model, make_opt, weights
+from test_optim_contract import (
+    IMPLEMENTATIONS,
+    batch,
+    check_compiled_step_matches_eager,
+    make_model,
+    make_opt,
+    weights,
+)
 from torch import nn
 
 from dessilbi import DessiLBI, lbi_param_groups
@@ -50,21 +57,7 @@ def test_every_implementation_on_cuda_matches_the_cpu_reference(impl: str) -> No
 
 @pytest.mark.parametrize("impl", ["default", "fused"])
 def test_a_compiled_training_step_with_conv_layers_runs_on_cuda(impl: str) -> None:
-    eager, compiled = make_model().cuda(), make_model().cuda()
-    opt_e, opt_c = make_opt(eager, impl), make_opt(compiled, impl)
-
-    def step(model: nn.Module, opt: DessiLBI, x: torch.Tensor, y: torch.Tensor) -> None:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    fast = torch.compile(step)
-    for i in range(4):
-        x, y = (t.cuda() for t in batch(i))
-        step(eager, opt_e, x, y)
-        fast(compiled, opt_c, x, y)
-    for p, q in zip(weights(eager), weights(compiled)):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    check_compiled_step_matches_eager(impl, "cuda", steps=4)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
