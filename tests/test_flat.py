@@ -193,3 +193,21 @@ def test_a_step_launches_one_operation_per_bucket_and_a_few_for_all(
     assert shallow <= 30
     # the multi-tensor path makes a few operations per tensor
     assert ops_per_step(10, foreach=True)[0] > 2 * deep
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass, as FSDP's DTensor or a quantisation wrapper would be."""
+
+
+def test_tensor_subclasses_stay_out_of_the_buckets() -> None:
+    plain, tagged = make_model(), make_model()
+    for module in tagged.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().as_subclass(Tagged)))
+    opts = [make_opt(m, {}) for m in (plain, tagged)]
+    train(plain, opts[0], 4)
+    train(tagged, opts[1], 4)
+    held = [b for b in opts[1].__dict__.get("_flat", {}).values() if isinstance(b, flat.FlatBucket)]
+    assert not held
+    for p, q in zip(plain.parameters(), tagged.parameters()):
+        torch.testing.assert_close(p, q.as_subclass(torch.Tensor), rtol=1e-6, atol=1e-7)

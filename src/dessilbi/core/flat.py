@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .arena import adopt, adoptable, bump_versions
+from .kernels import plain
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
            "batched_on", "flat_step", "gather", "group_shrink", "group_shrinks",
@@ -63,11 +64,14 @@ SOLO_NUMEL = 1 << 14  # entries: a bucket of one larger tensor is left to the pe
 
 
 def eligible(p: Tensor, penalty: str) -> bool:
-    """Whether ``p`` can live in a flat bucket: dense, contiguous, real, on the CPU or a CUDA
-    device, and not too large for that device (:data:`MAX_NUMEL`, :data:`MAX_NUMEL_CUDA`)."""
+    """Whether ``p`` can live in a flat bucket: a plain tensor (not a subclass such as FSDP's
+    ``DTensor``, whose gradient a buffer cannot gather), dense, contiguous, real, on the CPU or
+    a CUDA device, and not too large for that device (:data:`MAX_NUMEL`,
+    :data:`MAX_NUMEL_CUDA`)."""
     limit = {"cpu": MAX_NUMEL, "cuda": MAX_NUMEL_CUDA}.get(p.device.type, 0)
-    return (penalty in FLAT_PENALTIES and p.layout == torch.strided and p.is_contiguous()
-            and p.is_floating_point() and 0 < p.numel() <= limit)
+    return (plain(p) and penalty in FLAT_PENALTIES
+            and p.layout == torch.strided and p.is_contiguous() and p.is_floating_point()
+            and 0 < p.numel() <= limit)
 
 
 def worth_bucketing(params: Sequence[Tensor]) -> bool:

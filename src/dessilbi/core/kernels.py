@@ -23,6 +23,13 @@ def group_by_device_dtype(params: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def plain(t: Tensor) -> bool:
+    """Whether ``t`` is a plain tensor or parameter, not a subclass (FSDP's and tensor
+    parallelism's ``DTensor``, a quantisation wrapper): only plain tensors share memory with
+    the scratch buffers and flat buckets, whose operations would mix the two kinds."""
+    return type(t) in (Tensor, torch.nn.Parameter)
+
+
 def _gap(w: Tensor, v: Tensor, penalty: str, kappa: float, lambda_: float,
          group_norm: str, workspace: Tensor | None = None, idle: bool = False,
          ) -> tuple[Tensor, Tensor | None]:
@@ -30,8 +37,9 @@ def _gap(w: Tensor, v: Tensor, penalty: str, kappa: float, lambda_: float,
     written into ``workspace`` (a flat buffer of at least ``w.numel()`` entries) when given;
     with ``idle``, also 1[Γ = 0] per unit (broadcastable to W), else ``None``."""
     out = None
-    if workspace is not None and w.is_contiguous() and workspace.numel() >= w.numel() \
-            and workspace.dtype == w.dtype and workspace.device == w.device:
+    if workspace is not None and plain(w) and w.is_contiguous() \
+            and workspace.numel() >= w.numel() and workspace.dtype == w.dtype \
+            and workspace.device == w.device:
         out = workspace[:w.numel()].view(w.shape)
     if penalty == "group":
         scale = broadcast_to_groups(group_scale(v, lambda_, 0, group_norm), v, 0)  # type: ignore[arg-type]
@@ -92,7 +100,7 @@ def single_tensor(
         if fresh:  # b ← g on the tensor's first step (written block by block below)
             bufs[i] = torch.empty_like(g, memory_format=torch.preserve_format)
         b, v = bufs[i], vs[i]
-        if not blocked or w.ndim == 0 or w.numel() <= ROW_BLOCK:
+        if not blocked or w.ndim == 0 or w.numel() <= ROW_BLOCK or not plain(w):
             _step_rows(w, g, b, v, fresh, **h)
             continue
         rows = max(1, ROW_BLOCK // w[0].numel())
