@@ -341,29 +341,31 @@ class DessiLBI(Optimizer):
         """The step of a group's flat buckets (:mod:`.flat`), rebuilding a bucket when its
         tensors or their state changed since the last step."""
         cache = self.__dict__.setdefault("_flat", {})
-        by_kind: dict[tuple[Any, ...], list[tuple[FlatBucket, list[Tensor]]]] = defaultdict(list)
+        by_kind: dict[tuple[Any, ...], list[tuple[FlatBucket, list[Tensor], list[Any]]]] = \
+            defaultdict(list)
         for key, params in planned.items():
             states = [self.state[p] for p in params]
             bucket = cache.get((index, key))
             if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
                 bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
-            by_kind[key[2:]].append((bucket, params))  # (dtype, device)
+            by_kind[key[2:]].append((bucket, params, states))  # (dtype, device)
         for (_, device), together in by_kind.items():
             # on CUDA all buckets step at once, on the CPU one after another (flat.batched_on)
             batched = batched_on(device)
             for held in [together] if batched else [[one] for one in together]:
                 self._flat_call(held, group, batched)
 
-    def _flat_call(self, held: list[tuple[FlatBucket, list[Tensor]]], group: dict[str, Any],
-                   batched: bool) -> None:
-        """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors)."""
-        states = [[self.state[p] for p in params] for _, params in held]
+    def _flat_call(self, held: list[tuple[FlatBucket, list[Tensor], list[Any]]],
+                   group: dict[str, Any], batched: bool) -> None:
+        """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors and
+        states)."""
+        states = [sts for _, _, sts in held]
         lr = group["lr"]
         flat_step(
-            [b for b, _ in held], [[p.grad for p in params] for _, params in held],
+            [b for b, _, _ in held], [[p.grad for p in params] for _, params, _ in held],
             states, [[st.get("mask") for st in sts] for sts in states],  # type: ignore[misc]
             [b.lambdas_of([st.get("lambda_", group["lambda_"]) for st in sts])
-             for (b, _), sts in zip(held, states)],
+             for b, _, sts in held],
             lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"], nu=group["nu"],
             group_norm=group["group_norm"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"],
