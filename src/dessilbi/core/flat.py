@@ -51,8 +51,7 @@ from .kernels import plain
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
            "batched_on", "flat_step", "gather", "group_shrink", "group_shrinks",
-           "worth_bucketing",
-           "write_back"]
+           "worth_bucketing", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
@@ -353,10 +352,10 @@ def write_back(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str
         if mask is not None:
             b.weights.mul_(mask)
     adopted = [p for b in buckets if b.adopted for p in b.params]
-    if adopted:
+    if adopted:  # written through their bucket's tensor: only autograd must hear of it
         bump_versions(adopted)
     copied = [b for b in buckets if not b.adopted]
-    if copied:  # the adopted parameters were written through their bucket's tensor
+    if copied:
         torch._foreach_copy_([p for b in copied for p in b.params],
                              [view for b in copied for view in b.weight_views])  # type: ignore[misc]
     published = "views" if momentum != 0.0 else "none"
