@@ -50,8 +50,8 @@ from .arena import adopt, adoptable, bump_versions
 from .kernels import plain
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
-           "batched_on", "flat_step", "gather", "group_shrink", "group_shrinks",
-           "worth_bucketing", "write_back"]
+           "batched_on", "copy_in", "copy_out", "flat_step", "gather", "group_shrink",
+           "group_shrinks", "worth_bucketing", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
@@ -206,7 +206,7 @@ def batched_on(device: torch.device) -> bool:
     for all of them, or one bucket after another.
 
     Together on CUDA, where launching an operation costs more than its pass over memory: on
-    ResNet-56 a step dispatches 35 operations instead of 96 (H200 measurements of the bucket
+    ResNet-56 a step dispatches 29 operations instead of 96 (H200 measurements of the bucket
     by bucket step: docs/cuda.md). One after another on the CPU, where a bucket's buffers stay
     in the cache from one stage to the next: a first version that ran the CPU buckets stage by
     stage measured 1.29–1.43× SGD's step on ResNet-56, against 1.20–1.27× bucket by bucket
@@ -220,7 +220,7 @@ def flat_step(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
               masks: Sequence[Sequence[Tensor | None]], lams: Sequence[Tensor | float], *,
               lr: float, kappa: float, nu: float, group_norm: str, momentum: float,
               dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
-              pull: str = "all", batched: bool | None = None) -> None:
+              pull: str = "all", batched: bool | None = None, copies: bool = True) -> None:
     """One DessiLBI step of every tensor of ``buckets`` (one parameter group's, one dtype and
     device; the formula: the module docstring). Per bucket: its tensors' gradients, states
     and masks, and its threshold or column of per-row ones (:meth:`FlatBucket.lambdas_of`).
@@ -229,11 +229,15 @@ def flat_step(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
     itself runs bucket after bucket, or with ``batched`` (default: :func:`batched_on` their
     device) as one multi-tensor operation per stage over all of them, so that the operations a
     step launches grow with the number of buckets only through the filter norms. Either way
-    the numbers are those of the per-tensor loop.
+    the numbers are those of the per-tensor loop. Without ``copies`` the caller copies the
+    tensors in and out (:func:`copy_in`, :func:`copy_out`), for the buckets of several groups
+    at once.
     """
     if batched is None:
         batched = batched_on(buckets[0].weights.device)
-    held = gather(buckets, grads, masks, momentum=momentum, dampening=dampening,
+    if copies:
+        copy_in(buckets, grads)
+    held = gather(buckets, masks, momentum=momentum, dampening=dampening,
                   weight_decay=weight_decay, maximize=maximize)
     hp = dict(lr=lr, kappa=kappa, nu=nu, group_norm=group_norm, momentum=momentum,
               dampening=dampening, nesterov=nesterov, pull=pull)
@@ -243,6 +247,8 @@ def flat_step(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
         for bucket, lam in zip(buckets, lams):
             _update_one(bucket, lam, **hp)  # type: ignore[arg-type]
     write_back(buckets, states, held, momentum)
+    if copies:
+        copy_out(buckets)
 
 
 def _update_one(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float, nu: float,
@@ -317,18 +323,25 @@ def _momentum(buckets: Sequence[FlatBucket], momentum: float, dampening: float,
     return bufs
 
 
-def gather(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
-           masks: Sequence[Sequence[Tensor | None]], *, momentum: float, dampening: float,
-           weight_decay: float, maximize: bool) -> list[Tensor | None]:
-    """Copy the gradients (and the weights, unless adopted) into the buckets, with sign, mask
-    and weight decay applied to the gradient and the first-step momentum rows prepared;
-    returns each bucket's mask."""
+def copy_in(buckets: Sequence[FlatBucket],
+            grads: Sequence[Sequence[Tensor]] | None = None) -> None:
+    """Copy the gradients (``grads`` per bucket, by default its parameters') and the weights,
+    unless adopted, into the buckets: one multi-tensor copy each for all of them."""
+    if grads is None:
+        grads = [[p.grad for p in b.params] for b in buckets]  # type: ignore[misc]
     torch._foreach_copy_([view for b in buckets for view in b.grad_views],  # type: ignore[misc]
                          [g for per_bucket in grads for g in per_bucket])
     copied = [b for b in buckets if not b.adopted]
     if copied:
         torch._foreach_copy_([view for b in copied for view in b.weight_views],  # type: ignore[misc]
                              [p for b in copied for p in b.params])
+
+
+def gather(buckets: Sequence[FlatBucket], masks: Sequence[Sequence[Tensor | None]], *,
+           momentum: float, dampening: float, weight_decay: float,
+           maximize: bool) -> list[Tensor | None]:
+    """Apply sign, mask and weight decay to the copied-in gradients and prepare the first-step
+    momentum rows; returns each bucket's mask."""
     gs = [b.grads for b in buckets]
     if maximize:
         torch._foreach_neg_(gs)
@@ -346,18 +359,11 @@ def gather(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
 
 def write_back(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str, Any]]],
                masks: Sequence[Tensor | None], momentum: float) -> None:
-    """Put the updated weights in the parameters (masked entries kept at zero) and, after
-    a bucket's first step, put its momentum rows into the optimizer state."""
+    """Keep masked entries of the updated weights at zero and, after a bucket's first step,
+    put its momentum rows into the optimizer state."""
     for b, mask in zip(buckets, masks):
         if mask is not None:
             b.weights.mul_(mask)
-    adopted = [p for b in buckets if b.adopted for p in b.params]
-    if adopted:  # written through their bucket's tensor: only autograd must hear of it
-        bump_versions(adopted)
-    copied = [b for b in buckets if not b.adopted]
-    if copied:
-        torch._foreach_copy_([p for b in copied for p in b.params],
-                             [view for b in copied for view in b.weight_views])  # type: ignore[misc]
     published = "views" if momentum != 0.0 else "none"
     for b, sts in zip(buckets, states):
         if b.published != published:  # after the first step, and if momentum is switched
@@ -365,6 +371,18 @@ def write_back(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str
                 st["momentum_buffer"] = view if momentum != 0.0 else None
             b.published = published
         b.starting = [False] * len(b.params)
+
+
+def copy_out(buckets: Sequence[FlatBucket]) -> None:
+    """Put the updated weights in the parameters: one multi-tensor copy for the buckets that
+    hold copies, a version bump for those that hold the parameters themselves."""
+    adopted = [p for b in buckets if b.adopted for p in b.params]
+    if adopted:  # written through their bucket's tensor: only autograd must hear of it
+        bump_versions(adopted)
+    copied = [b for b in buckets if not b.adopted]
+    if copied:
+        torch._foreach_copy_([p for b in copied for p in b.params],
+                             [view for b in copied for view in b.weight_views])  # type: ignore[misc]
 
 
 def _start_buffers(bucket: FlatBucket, g: Tensor, momentum: float, dampening: float) -> None:

@@ -42,7 +42,16 @@ from torch.optim import Optimizer
 
 from .bundle import Bundle
 from .checks import PULLS, check_grad, check_group, check_params
-from .flat import FlatBucket, batched_on, bucket_key, eligible, flat_step, worth_bucketing
+from .flat import (
+    FlatBucket,
+    batched_on,
+    bucket_key,
+    copy_in,
+    copy_out,
+    eligible,
+    flat_step,
+    worth_bucketing,
+)
 from .penalties import prox
 from .update import dessilbi_update
 
@@ -243,6 +252,7 @@ class DessiLBI(Optimizer):
 
         fused: list[tuple[Bundle, dict[str, Any]]] = []
         masked: list[tuple[Tensor, Tensor]] = []
+        flat_work: list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]] = []
         for index, group in enumerate(self.param_groups):
             # A tensor with its own threshold (state["lambda_"], set by SparsityTarget) forms a
             # bundle of its own, so the kernels keep one λ per call.
@@ -264,7 +274,7 @@ class DessiLBI(Optimizer):
                 bundles[(pen, state.get("lambda_", group["lambda_"]))].add(
                     p, state, mask, group["maximize"])
             if buckets:
-                self._flat_steps(index, buckets, group)
+                flat_work.append((index, group, buckets))
             for (pen, lam), bundle in bundles.items():
                 hp = {k: group[k] for k in ("lr", "kappa", "nu", "group_norm", "momentum",
                                             "dampening", "nesterov", "weight_decay", "pull")}
@@ -278,6 +288,8 @@ class DessiLBI(Optimizer):
                                 penalty=pen, foreach=group["foreach"],
                                 workspaces=self.__dict__.setdefault("_workspaces", {}), **hp)
                 bundle.store_buffers(group["momentum"])
+        if flat_work:
+            self._flat_steps(flat_work)
         if fused:
             from ._fused import fused_step
 
@@ -336,27 +348,36 @@ class DessiLBI(Optimizer):
         cache[("plan", index)] = (group["penalty"], with_grad, dict(buckets), others)
         return buckets, others
 
-    def _flat_steps(self, index: int, planned: dict[tuple[Any, ...], list[Tensor]],
-                    group: dict[str, Any]) -> None:
-        """The step of a group's flat buckets (:mod:`.flat`), rebuilding a bucket when its
-        tensors or their state changed since the last step."""
+    def _flat_steps(self, work: list[tuple[int, dict[str, Any],
+                                           dict[tuple[Any, ...], list[Tensor]]]]) -> None:
+        """The step of the flat buckets (:mod:`.flat`) of every group in ``work``, rebuilding
+        a bucket when its tensors or their state changed since the last step. On CUDA
+        (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
+        together and each group's buckets update together; on the CPU bucket after bucket."""
         cache = self.__dict__.setdefault("_flat", {})
-        by_kind: dict[tuple[Any, ...], list[tuple[FlatBucket, list[Tensor], list[Any]]]] = \
-            defaultdict(list)
-        for key, params in planned.items():
-            states = [self.state[p] for p in params]
-            bucket = cache.get((index, key))
-            if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
-                bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
-            by_kind[key[2:]].append((bucket, params, states))  # (dtype, device)
-        for (_, device), together in by_kind.items():
-            # on CUDA all buckets step at once, on the CPU one after another (flat.batched_on)
-            batched = batched_on(device)
-            for held in [together] if batched else [[one] for one in together]:
-                self._flat_call(held, group, batched)
+        by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Tensor], list[Any]]]] \
+            = defaultdict(list)
+        for index, group, planned in work:
+            for key, params in planned.items():
+                states = [self.state[p] for p in params]
+                bucket = cache.get((index, key))
+                if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
+                    bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
+                by_kind[key[2:]].append((index, bucket, params, states))  # (dtype, device)
+        for (_, device), entries in by_kind.items():
+            if not batched_on(device):
+                for index, *held in entries:
+                    self._flat_call([held], self.param_groups[index], False)  # type: ignore[list-item]
+                continue
+            buckets = [b for _, b, _, _ in entries]
+            copy_in(buckets)
+            for index in dict.fromkeys(i for i, *_ in entries):
+                self._flat_call([held for i, *held in entries if i == index],  # type: ignore[misc]
+                                self.param_groups[index], True, copies=False)
+            copy_out(buckets)
 
     def _flat_call(self, held: list[tuple[FlatBucket, list[Tensor], list[Any]]],
-                   group: dict[str, Any], batched: bool) -> None:
+                   group: dict[str, Any], batched: bool, copies: bool = True) -> None:
         """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors and
         states)."""
         states = [sts for _, _, sts in held]
@@ -370,7 +391,7 @@ class DessiLBI(Optimizer):
             group_norm=group["group_norm"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"],
             weight_decay=group["weight_decay"], maximize=group["maximize"], pull=group["pull"],
-            batched=batched)
+            batched=batched, copies=copies)
 
     def _compiled_cache(self) -> dict[str, Any]:
         # Held by the instance (not the module) so compiled kernels die with the optimizer.
