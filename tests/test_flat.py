@@ -143,9 +143,9 @@ def test_a_lone_large_tensor_skips_the_bucket_and_steps_the_same() -> None:
 def test_the_batched_step_is_the_per_tensor_loop_bit_for_bit(
         monkeypatch: pytest.MonkeyPatch, variant: dict) -> None:
     # CUDA's form of the bucket step (multi-tensor operations across buckets), forced on the CPU
-    from dessilbi.core import optim as optim_module
+    from dessilbi.core import flat_plan
 
-    monkeypatch.setattr(optim_module, "batched_on", lambda device: True)
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
     test_the_flat_step_is_the_per_tensor_loop_bit_for_bit(variant)
 
 
@@ -184,9 +184,9 @@ def ops_per_step(depth: int, **impl) -> tuple[int, int]:
 
 def test_a_step_launches_one_operation_per_bucket_and_a_few_for_all(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from dessilbi.core import optim as optim_module
+    from dessilbi.core import flat_plan
 
-    monkeypatch.setattr(optim_module, "batched_on", lambda device: True)
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
     (shallow, few), (deep, many) = ops_per_step(2), ops_per_step(10)
     assert many >= few + 8  # a bucket per layer
     assert deep - shallow == many - few  # its filter norms: a row reduction per bucket

@@ -42,16 +42,7 @@ from torch.optim import Optimizer
 
 from .bundle import Bundle
 from .checks import PULLS, check_grad, check_group, check_params
-from .flat import (
-    FlatBucket,
-    batched_on,
-    bucket_key,
-    copy_in,
-    copy_out,
-    eligible,
-    flat_step,
-    worth_bucketing,
-)
+from .flat_plan import plan_buckets, step_buckets
 from .penalties import prox
 from .update import dessilbi_update
 
@@ -257,7 +248,8 @@ class DessiLBI(Optimizer):
             # A tensor with its own threshold (state["lambda_"], set by SparsityTarget) forms a
             # bundle of its own, so the kernels keep one λ per call.
             bundles: dict[tuple[str, float], Bundle] = defaultdict(Bundle)
-            buckets, others = self._flat_plan(index, group) if _flat_default(group) \
+            buckets, others = plan_buckets(self.__dict__.setdefault("_flat", {}), index, group,
+                                           resolve_penalty) if _flat_default(group) \
                 else ({}, group["params"])
             compiles = _compiles(group, others)
             for p in others:
@@ -289,7 +281,8 @@ class DessiLBI(Optimizer):
                                 workspaces=self.__dict__.setdefault("_workspaces", {}), **hp)
                 bundle.store_buffers(group["momentum"])
         if flat_work:
-            self._flat_steps(flat_work)
+            step_buckets(self.__dict__.setdefault("_flat", {}), self.state, self.param_groups,
+                         flat_work)
         if fused:
             from ._fused import fused_step
 
@@ -322,76 +315,6 @@ class DessiLBI(Optimizer):
         self.state[param]["mask"] = mask
         with torch.no_grad():
             param.mul_(mask)
-
-    def _flat_plan(self, index: int, group: dict[str, Any],
-                   ) -> tuple[dict[tuple[Any, ...], list[Tensor]], list[Tensor]]:
-        """The group's tensors with a gradient split into flat buckets and the others; kept
-        while the same tensors have gradients (a step then only checks which do)."""
-        cache = self.__dict__.setdefault("_flat", {})
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        held = cache.get(("plan", index))
-        if held is not None and held[0] == group["penalty"] and len(held[1]) == len(with_grad) \
-                and all(a is b for a, b in zip(held[1], with_grad)):
-            return held[2], held[3]
-        buckets: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
-        others = []
-        for p in with_grad:
-            check_grad(p.grad)  # type: ignore[arg-type]
-            pen = resolve_penalty(group["penalty"], p)
-            if eligible(p, pen) and p.grad.is_contiguous() \
-                    and p.grad.dtype == p.dtype:  # type: ignore[union-attr]
-                buckets[bucket_key(p, pen)].append(p)
-            else:
-                others.append(p)
-        for key in [k for k, ps in buckets.items() if not worth_bucketing(ps)]:
-            others.extend(buckets.pop(key))
-        cache[("plan", index)] = (group["penalty"], with_grad, dict(buckets), others)
-        return buckets, others
-
-    def _flat_steps(self, work: list[tuple[int, dict[str, Any],
-                                           dict[tuple[Any, ...], list[Tensor]]]]) -> None:
-        """The step of the flat buckets (:mod:`.flat`) of every group in ``work``, rebuilding
-        a bucket when its tensors or their state changed since the last step. On CUDA
-        (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
-        together and each group's buckets update together; on the CPU bucket after bucket."""
-        cache = self.__dict__.setdefault("_flat", {})
-        by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Tensor], list[Any]]]] \
-            = defaultdict(list)
-        for index, group, planned in work:
-            for key, params in planned.items():
-                states = [self.state[p] for p in params]
-                bucket = cache.get((index, key))
-                if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
-                    bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
-                by_kind[key[2:]].append((index, bucket, params, states))  # (dtype, device)
-        for (_, device), entries in by_kind.items():
-            if not batched_on(device):
-                for index, *held in entries:
-                    self._flat_call([held], self.param_groups[index], False)  # type: ignore[list-item]
-                continue
-            buckets = [b for _, b, _, _ in entries]
-            copy_in(buckets)
-            for index in dict.fromkeys(i for i, *_ in entries):
-                self._flat_call([held for i, *held in entries if i == index],  # type: ignore[misc]
-                                self.param_groups[index], True, copies=False)
-            copy_out(buckets)
-
-    def _flat_call(self, held: list[tuple[FlatBucket, list[Tensor], list[Any]]],
-                   group: dict[str, Any], batched: bool, copies: bool = True) -> None:
-        """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors and
-        states)."""
-        states = [sts for _, _, sts in held]
-        lr = group["lr"]
-        flat_step(
-            [b for b, _, _ in held], [[p.grad for p in params] for _, params, _ in held],
-            states, [[st.get("mask") for st in sts] for sts in states],  # type: ignore[misc]
-            [b.lambdas_of([st.get("lambda_", group["lambda_"]) for st in sts])
-             for b, _, sts in held],
-            lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"], nu=group["nu"],
-            group_norm=group["group_norm"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], maximize=group["maximize"], pull=group["pull"],
-            batched=batched, copies=copies)
 
     def _compiled_cache(self) -> dict[str, Any]:
         # Held by the instance (not the module) so compiled kernels die with the optimizer.
