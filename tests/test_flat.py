@@ -122,6 +122,11 @@ def test_a_lone_large_tensor_skips_the_bucket_and_steps_the_same() -> None:
     assert flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL)])
     assert not flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL + 1)])
     assert flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL + 1)] * 2)
+    # where buckets update together (CUDA) a lone tensor costs one operation more: worth it
+    assert flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL + 1, device="meta")]) is False
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flat, "batched_on", lambda device: True)
+        assert flat.worth_bucketing([torch.zeros(flat.SOLO_NUMEL + 1)])
 
     def mlp() -> nn.Module:  # 100×200 = 20,000 entries, the only tensor with rows of 200
         torch.manual_seed(0)
@@ -187,6 +192,7 @@ def test_a_step_launches_one_operation_per_bucket_and_a_few_for_all(
     from dessilbi.core import flat_plan
 
     monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
+    monkeypatch.setattr(flat, "batched_on", lambda device: True)
     (shallow, few), (deep, many) = ops_per_step(2), ops_per_step(10)
     assert many >= few + 8  # a bucket per layer
     assert deep - shallow == many - few  # its filter norms: a row reduction per bucket
@@ -211,3 +217,23 @@ def test_tensor_subclasses_stay_out_of_the_buckets() -> None:
     assert not held
     for p, q in zip(plain.parameters(), tagged.parameters()):
         torch.testing.assert_close(p, q.as_subclass(torch.Tensor), rtol=1e-6, atol=1e-7)
+
+
+def test_a_lone_large_tensor_takes_a_bucket_where_buckets_update_together(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dessilbi.core import flat_plan
+
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
+    monkeypatch.setattr(flat, "batched_on", lambda device: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 200), nn.ReLU(),
+                          nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 10))
+    ref = copy.deepcopy(model)
+    opt, ref_opt = make_opt(model, {}), make_opt(ref, {}, foreach=False)
+    train(model, opt, 5, events=False)
+    train(ref, ref_opt, 5, events=False)
+    bucketed = {id(p) for b in opt.__dict__["_flat"].values()
+                if isinstance(b, flat.FlatBucket) for p in b.params}
+    assert {id(p) for p in model.parameters()} == bucketed
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

@@ -79,9 +79,13 @@ def worth_bucketing(params: Sequence[Tensor]) -> bool:
     A bucket saves launches only when it holds several tensors; one tensor alone gains nothing
     and pays the gather copies, which outweigh the per-tensor loop's overhead above
     :data:`SOLO_NUMEL` entries (LeNet-3's 100×300 layer: the step of the whole model 0.60 ms
-    one by one against 0.71 ms bucketed; ResNet-56 unchanged, docs/training.md).
+    one by one against 0.71 ms bucketed; ResNet-56 unchanged, docs/training.md). Where the
+    buckets update together (:func:`batched_on`: CUDA) a bucket costs one operation more (its
+    row norms), fewer than any tensor's step of its own, so every tensor is worth one there
+    (operations a Conv-4 step dispatches: 171 with its lone large tensors outside the buckets,
+    40 inside).
     """
-    return len(params) > 1 or params[0].numel() <= SOLO_NUMEL
+    return len(params) > 1 or params[0].numel() <= SOLO_NUMEL or batched_on(params[0].device)
 
 
 def bucket_key(p: Tensor, penalty: str) -> tuple[str, int, torch.dtype, torch.device]:
