@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import is_
 from typing import Any
 
 import torch
@@ -156,18 +157,21 @@ class FlatBucket:
               use_momentum: bool) -> bool:
         """Whether this bucket still is the state of exactly ``params`` (same tensors, same
         order, the state's V and momentum buffers still views into its buffers)."""
-        # whole-list comparisons: this runs every step, over every tensor of the bucket
-        if len(params) != len(self.params) or \
-                any(p is not q for p, q in zip(params, self.params)) or \
-                [p.data_ptr() for p in params] != self.pointers:
+        # whole-list comparisons through map (no Python frame per tensor): this runs every
+        # step, over every tensor of the bucket, and on CUDA the host's time is the step's
+        if len(params) != len(self.params) or not all(map(is_, params, self.params)) or \
+                list(map(Tensor.data_ptr, params)) != self.pointers:
             return False
         if self.v is not None and \
-                any(st.get("V") is not v for st, v in zip(states, self.v_views)):
+                not all(map(is_, [st.get("V") for st in states], self.v_views)):
             return False
         if not use_momentum:
             return True
-        return all(b is view or (b is None and start) for b, view, start in zip(
-            [st.get("momentum_buffer") for st in states], self.buf_views, self.starting))
+        bufs = [st.get("momentum_buffer") for st in states]
+        if all(map(is_, bufs, self.buf_views)):
+            return True
+        return all(b is view or (b is None and start)
+                   for b, view, start in zip(bufs, self.buf_views, self.starting))
 
     def gap_buffer(self) -> Tensor:
         """A buffer for W − Γ when the gradient buffer is still in use (Nesterov, or no

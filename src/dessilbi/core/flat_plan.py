@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from operator import is_
 from typing import Any
 
 from torch import Tensor
@@ -40,7 +41,7 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
     with_grad = [p for p in group["params"] if p.grad is not None]
     held = cache.get(("plan", index))
     if held is not None and held[0] == group["penalty"] and len(held[1]) == len(with_grad) \
-            and all(a is b for a, b in zip(held[1], with_grad)):
+            and all(map(is_, held[1], with_grad)):
         return held[2], held[3]
     buckets: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
     others = []
