@@ -183,7 +183,7 @@ class FlatBucket:
     # ----------------------------------------------------------------- per-step inputs
     def mask_of(self, masks: Sequence[Tensor | None]) -> Tensor | None:
         """The fixed masks as one ``(R, K)`` buffer (kept while the same masks are set)."""
-        key = tuple(id(m) for m in masks)
+        key = tuple(map(id, masks))
         if key != self._mask_key:
             self._mask_key = key
             self.mask = None
@@ -196,7 +196,7 @@ class FlatBucket:
 
     def lambdas_of(self, values: Sequence[float]) -> Tensor | float:
         """One threshold, or a column of per-row thresholds when the tensors have their own."""
-        key = tuple(float(v) for v in values)
+        key = tuple(map(float, values))
         if key != self._lambda_key:
             self._lambda_key = key
             if len(set(key)) == 1:
