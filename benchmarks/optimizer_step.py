@@ -2,9 +2,11 @@
 
 Parameter shapes of CIFAR ResNet-56 and VGG16-BN, gradients fixed, V prepared so that about half
 of the filters (and half of the linear weights) are in the support of Γ. All optimizers are timed
-in one process with interleaved repetitions, so the ratios are comparable even on a noisy
-machine. Prints a Markdown table; ``--out FILE`` also writes it. "first step" is the time of
-each optimizer's first ``step()``, compilation included; the first DessiLBI that compiles pays
+in one process with interleaved repetitions in a rotating order, so the ratios are comparable
+even on a noisy machine (the first DessiLBI built, the default, measures 3-5 % slower on the CPU
+whatever its flags: docs/cuda.md). Prints a Markdown table; ``--out FILE`` also writes it.
+"first step" is the time of each optimizer's first ``step()``, compilation included; the first
+DessiLBI that compiles pays
 the cold cost, so for a cold figure run in a fresh process with an empty compile cache:
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/optimizer_step.py [--reps 40] \
@@ -106,8 +108,11 @@ def run(names: list[str], reps: int, device: str) -> str:
         for _ in range(3):
             for opt in opts.values():
                 opt.step()
-        for _ in range(reps):
-            for impl, opt in opts.items():  # interleaved: every impl sees the same noise
+        order = list(opts.items())
+        for rep in range(reps):
+            # interleaved, so every impl sees the same noise, and rotated: the one timed right
+            # after another's step measured slower (CPU caches), whichever it was
+            for impl, opt in order[rep % len(order):] + order[:rep % len(order)]:
                 _sync(device)
                 t0 = time.perf_counter()
                 opt.step()
