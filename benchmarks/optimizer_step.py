@@ -6,8 +6,8 @@ in one process with interleaved repetitions in a rotating order, so the ratios a
 even on a noisy machine (the first DessiLBI built, the default, measures 3-5 % slower on the CPU
 whatever its flags: docs/cuda.md). Prints a Markdown table; ``--out FILE`` also writes it.
 "first step" is the time of each optimizer's first ``step()``, compilation included; the first
-DessiLBI that compiles pays
-the cold cost, so for a cold figure run in a fresh process with an empty compile cache:
+DessiLBI that compiles pays the cold cost, so for a cold figure run in a fresh process with an
+empty compile cache:
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/optimizer_step.py [--reps 40] \
         [--models resnet56 vgg16_bn] [--device cpu]
