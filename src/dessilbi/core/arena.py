@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from .kernels import plain
+
 __all__ = ["ALIGN", "adoptable", "adopt", "bump_versions"]
 
 ALIGN = 64  # bytes: the arena starts on a cache line, as torch's own allocations do
@@ -38,7 +40,7 @@ def adoptable(p: Tensor) -> bool:
     ``Parameter``, no subclass) that is the only tensor over its whole storage, in private
     memory (a tensor in shared memory, ``model.share_memory()``, is updated by other processes
     too: it stays where they see it)."""
-    if type(p) not in (Tensor, torch.nn.Parameter) or p.device.type != "cpu":
+    if not plain(p) or p.device.type != "cpu":
         return False
     if not p.is_leaf or p._base is not None or not p.is_contiguous() or p.is_inference():
         return False

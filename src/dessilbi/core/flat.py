@@ -223,15 +223,14 @@ def batched_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def flat_step(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
-              states: Sequence[Sequence[dict[str, Any]]],
+def flat_step(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str, Any]]],
               masks: Sequence[Sequence[Tensor | None]], lams: Sequence[Tensor | float], *,
               lr: float, kappa: float, nu: float, group_norm: str, momentum: float,
               dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
               pull: str = "all", batched: bool | None = None, copies: bool = True) -> None:
     """One DessiLBI step of every tensor of ``buckets`` (one parameter group's, one dtype and
-    device; the formula: the module docstring). Per bucket: its tensors' gradients, states
-    and masks, and its threshold or column of per-row ones (:meth:`FlatBucket.lambdas_of`).
+    device; the formula: the module docstring). Per bucket: its tensors' states and masks,
+    and its threshold or column of per-row ones (:meth:`FlatBucket.lambdas_of`).
 
     The copies in and out are one multi-tensor operation for all the buckets. The update
     itself runs bucket after bucket, or with ``batched`` (default: :func:`batched_on` their
@@ -244,7 +243,7 @@ def flat_step(buckets: Sequence[FlatBucket], grads: Sequence[Sequence[Tensor]],
     if batched is None:
         batched = batched_on(buckets[0].weights.device)
     if copies:
-        copy_in(buckets, grads)
+        copy_in(buckets)
     held = gather(buckets, masks, momentum=momentum, dampening=dampening,
                   weight_decay=weight_decay, maximize=maximize)
     hp = dict(lr=lr, kappa=kappa, nu=nu, group_norm=group_norm, momentum=momentum,
@@ -331,14 +330,11 @@ def _momentum(buckets: Sequence[FlatBucket], momentum: float, dampening: float,
     return bufs
 
 
-def copy_in(buckets: Sequence[FlatBucket],
-            grads: Sequence[Sequence[Tensor]] | None = None) -> None:
-    """Copy the gradients (``grads`` per bucket, by default its parameters') and the weights,
-    unless adopted, into the buckets: one multi-tensor copy each for all of them."""
-    if grads is None:
-        grads = [[p.grad for p in b.params] for b in buckets]  # type: ignore[misc]
+def copy_in(buckets: Sequence[FlatBucket]) -> None:
+    """Copy the gradients of the buckets' tensors and their weights, unless adopted, into the
+    buckets: one multi-tensor copy each for all of them."""
     torch._foreach_copy_([view for b in buckets for view in b.grad_views],  # type: ignore[misc]
-                         [g for per_bucket in grads for g in per_bucket])
+                         [p.grad for b in buckets for p in b.params])
     copied = [b for b in buckets if not b.adopted]
     if copied:
         torch._foreach_copy_([view for b in copied for view in b.weight_views],  # type: ignore[misc]

@@ -65,39 +65,37 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
     rebuilding a bucket when its tensors or their state changed since the last step. On CUDA
     (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
     together and each group's buckets update together; on the CPU bucket after bucket."""
-    by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Tensor], list[Any]]]] \
-        = defaultdict(list)
+    by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Any]]]] = defaultdict(list)
     for index, group, planned in work:
         for key, params in planned.items():
             states = [state[p] for p in params]
             bucket = cache.get((index, key))
             if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
                 bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
-            by_kind[key[2:]].append((index, bucket, params, states))  # (dtype, device)
+            by_kind[key[2:]].append((index, bucket, states))  # (dtype, device)
     for (_, device), entries in by_kind.items():
         if not batched_on(device):
-            for index, *held in entries:
-                _step(param_groups[index], [held], False)  # type: ignore[list-item]
+            for index, bucket, states in entries:
+                _step(param_groups[index], [(bucket, states)], False)
             continue
-        buckets = [b for _, b, _, _ in entries]
+        buckets = [b for _, b, _ in entries]
         copy_in(buckets)
-        for index in dict.fromkeys(i for i, *_ in entries):
-            _step(param_groups[index], [held for i, *held in entries if i == index],  # type: ignore[misc]
+        for index in dict.fromkeys(i for i, _, _ in entries):
+            _step(param_groups[index], [(b, sts) for i, b, sts in entries if i == index],
                   True, copies=False)
         copy_out(buckets)
 
 
-def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Tensor], list[Any]]],
-          batched: bool, copies: bool = True) -> None:
-    """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors and states)
-    of ``group``."""
-    states = [sts for _, _, sts in held]
+def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]], batched: bool,
+          copies: bool = True) -> None:
+    """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors' states) of
+    ``group``."""
+    states = [sts for _, sts in held]
     lr = group["lr"]
     flat_step(
-        [b for b, _, _ in held], [[p.grad for p in params] for _, params, _ in held],
-        states, [[st.get("mask") for st in sts] for sts in states],  # type: ignore[misc]
-        [b.lambdas_of([st.get("lambda_", group["lambda_"]) for st in sts])
-         for b, _, sts in held],
+        [b for b, _ in held], states,
+        [[st.get("mask") for st in sts] for sts in states],  # type: ignore[misc]
+        [b.lambdas_of([st.get("lambda_", group["lambda_"]) for st in sts]) for b, sts in held],
         lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"], nu=group["nu"],
         group_norm=group["group_norm"], momentum=group["momentum"],
         dampening=group["dampening"], nesterov=group["nesterov"],

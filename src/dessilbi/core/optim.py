@@ -244,13 +244,13 @@ class DessiLBI(Optimizer):
         fused: list[tuple[Bundle, dict[str, Any]]] = []
         masked: list[tuple[Tensor, Tensor]] = []
         flat_work: list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]] = []
+        flat_cache = self.__dict__.setdefault("_flat", {})  # the buckets and the groups' plans
         for index, group in enumerate(self.param_groups):
             # A tensor with its own threshold (state["lambda_"], set by SparsityTarget) forms a
             # bundle of its own, so the kernels keep one λ per call.
             bundles: dict[tuple[str, float], Bundle] = defaultdict(Bundle)
-            buckets, others = plan_buckets(self.__dict__.setdefault("_flat", {}), index, group,
-                                           resolve_penalty) if _flat_default(group) \
-                else ({}, group["params"])
+            buckets, others = plan_buckets(flat_cache, index, group, resolve_penalty) \
+                if _flat_default(group) else ({}, group["params"])
             compiles = _compiles(group, others)
             for p in others:
                 if p.grad is None:
@@ -281,8 +281,7 @@ class DessiLBI(Optimizer):
                                 workspaces=self.__dict__.setdefault("_workspaces", {}), **hp)
                 bundle.store_buffers(group["momentum"])
         if flat_work:
-            step_buckets(self.__dict__.setdefault("_flat", {}), self.state, self.param_groups,
-                         flat_work)
+            step_buckets(flat_cache, self.state, self.param_groups, flat_work)
         if fused:
             from ._fused import fused_step
 
