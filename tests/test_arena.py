@@ -46,12 +46,24 @@ def test_a_bucket_adopts_its_parameters_which_keep_storages_of_their_own() -> No
     assert held and all(b.adopted for b in held)
     for b in held:
         start, end = b.weights.data_ptr(), b.weights.data_ptr() + b.weights.nbytes
-        assert start % arena.ALIGN == 0
         for p in b.params:  # inside the bucket's memory, over a storage of exactly its size
             assert start <= p.data_ptr() < end
             assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
     pointers = [p.untyped_storage().data_ptr() for p in model.parameters()]
     assert len(set(pointers)) == len(pointers)
+
+
+def test_an_adopted_parameter_keeps_its_arena_alive() -> None:
+    """The bucket (and its ``(R, K)`` tensor) may die with the optimizer while the model
+    lives on: each parameter's storage holds the arena's memory."""
+    model = make_model()
+    opt = stepped(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    del opt
+    for _ in range(3):  # memory freed and reused would show up as changed values
+        [torch.randn(64, 64) for _ in range(50)]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    stepped(model)  # and a new optimizer adopts them again
 
 
 def test_adopted_parameters_save_load_and_copy_as_independent_tensors() -> None:
@@ -89,6 +101,8 @@ def test_views_and_shared_storages_are_copied_in_and_out_instead() -> None:
     assert not arena.adoptable(torch.randn(4, 4, device="meta"))
     assert arena.adoptable(nn.Parameter(torch.randn(4, 4)))
     assert not arena.adoptable(nn.Parameter(torch.randn(4, 4)).share_memory_())
+    assert not arena.adoptable(nn.Parameter(torch.randn(4, 4).to(torch.float8_e4m3fn),
+                                            requires_grad=False))
 
     class Tied(nn.Module):  # two parameters over one storage stay tied
         def __init__(self) -> None:

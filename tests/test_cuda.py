@@ -53,6 +53,29 @@ def test_every_implementation_on_cuda_matches_the_cpu_reference(impl: str) -> No
         assert torch.equal(opt_cpu.support(p), opt_gpu.support(q).cpu())
     buckets = [b for b in opt_gpu.__dict__.get("_flat", {}).values() if isinstance(b, FlatBucket)]
     assert bool(buckets) == (impl in ("default", "fused"))  # the default steps buckets on CUDA
+    assert all(b.adopted for b in buckets)  # and they hold the parameters themselves
+
+
+def test_adopted_cuda_parameters_are_independent_tensors_that_outlive_the_optimizer() -> None:
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = make_model().cuda()
+    opt = make_opt(model, "default")
+    train_on(model, opt, range(3), "cuda")
+    buckets = [b for b in opt.__dict__["_flat"].values() if isinstance(b, FlatBucket)]
+    assert buckets and all(b.adopted for b in buckets)
+    for b in buckets:
+        start, end = b.weights.data_ptr(), b.weights.data_ptr() + b.weights.nbytes
+        for p in b.params:
+            assert start <= p.data_ptr() < end
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    restored = safetensors.load(safetensors.save(model.state_dict()))
+    assert all(torch.equal(restored[k].cuda(), v) for k, v in state.items())
+    del opt, buckets, b
+    torch.cuda.empty_cache()
+    [torch.randn(256, 256, device="cuda") for _ in range(20)]  # reuse what was freed
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    train_on(model, make_opt(model, "default"), range(2), "cuda")
 
 
 @pytest.mark.parametrize("impl", ["default", "fused"])
