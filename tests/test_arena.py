@@ -66,6 +66,40 @@ def test_an_adopted_parameter_keeps_its_arena_alive() -> None:
     stepped(model)  # and a new optimizer adopts them again
 
 
+def test_a_failed_adoption_moves_no_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(2, 4))]
+    pointers = [p.data_ptr() for p in params]
+    wrap = arena.own_storage
+
+    def second_refused(view: torch.Tensor) -> torch.Tensor:
+        if view.shape[0] == 2:
+            raise BufferError("no DLPack on this device")
+        return wrap(view)
+
+    monkeypatch.setattr(arena, "own_storage", second_refused)
+    assert arena.adopt(params, 4) is None
+    assert [p.data_ptr() for p in params] == pointers
+    monkeypatch.setattr(arena, "own_storage", wrap)
+    held = arena.adopt(params, 4)
+    assert held is not None and params[1].data_ptr() == held[3].data_ptr()
+
+
+def test_parameters_dlpack_cannot_wrap_are_copied_in_and_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(view: torch.Tensor) -> torch.Tensor:
+        raise BufferError("no DLPack on this device")
+
+    monkeypatch.setattr(arena, "own_storage", refuse)
+    model, ref = make_model(), make_model()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    held = buckets(stepped(model, 3))
+    stepped(ref, 3, foreach=False)
+    assert held and not any(b.adopted for b in held)
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_adopted_parameters_save_load_and_copy_as_independent_tensors() -> None:
     model = make_model()
     stepped(model)

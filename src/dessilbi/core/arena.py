@@ -61,15 +61,21 @@ def adoptable(p: Tensor) -> bool:
         p.untyped_storage().nbytes() == p.numel() * p.element_size()
 
 
-def adopt(params: Sequence[Tensor], k: int) -> Tensor:
+def adopt(params: Sequence[Tensor], k: int) -> Tensor | None:
     """Move ``params`` (one dtype and device) into one arena, row after row, and return it as
     an ``(R, K)`` tensor: parameter i is rows ``sum(rows[:i])`` to ``sum(rows[:i+1])``, with its
-    own storage over them. The values are copied; nothing else about the parameters changes."""
+    own storage over them. The values are copied; nothing else about the parameters changes.
+    ``None``, with every parameter left as it was, where the device's tensors cannot be
+    wrapped by DLPack (the bucket then copies them in and out)."""
     flat = torch.empty(sum(p.numel() for p in params) // k, k, dtype=params[0].dtype,
                        device=params[0].device)
+    try:  # every storage first, so that a failure leaves no parameter moved
+        owns = [own_storage(rows.view(p.shape))
+                for p, rows in zip(params, flat.split([p.numel() // k for p in params]))]
+    except (RuntimeError, BufferError, TypeError):
+        return None
     with torch.no_grad():
-        for p, rows in zip(params, flat.split([p.numel() // k for p in params])):
-            own = own_storage(rows.view(p.shape))
+        for p, own in zip(params, owns):
             own.copy_(p)
             p.data = own
     return flat
@@ -80,7 +86,10 @@ def own_storage(view: Tensor) -> Tensor:
     memory alive: the DLPack round trip wraps that memory in a new storage."""
     from torch.utils.dlpack import from_dlpack, to_dlpack
 
-    return from_dlpack(to_dlpack(view))
+    own = from_dlpack(to_dlpack(view))
+    if own.data_ptr() != view.data_ptr() or own.untyped_storage().nbytes() != view.nbytes:
+        raise RuntimeError("DLPack did not give a storage of its own over the view's memory")
+    return own
 
 
 def bump_versions(params: Sequence[Tensor]) -> None:

@@ -113,8 +113,9 @@ class FlatBucket:
         like = dict(dtype=p0.dtype, device=p0.device)
         self.grads = torch.empty(n_rows, k, **like)
         # the parameters move into the bucket's memory where they can (module docstring)
-        self.adopted = all(adoptable(p) for p in params)
-        self.weights = adopt(params, k) if self.adopted else torch.empty(n_rows, k, **like)
+        arena = adopt(params, k) if all(adoptable(p) for p in params) else None
+        self.adopted = arena is not None
+        self.weights = arena if arena is not None else torch.empty(n_rows, k, **like)
         self.gap: Tensor | None = None  # W − Γ: the gradient buffer's memory where it is free
         self.v = self._adopt(states, "V") if penalty != "none" else None
         self.buf = self._adopt(states, "momentum_buffer")
