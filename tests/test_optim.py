@@ -478,3 +478,27 @@ def test_fused_none_compiles_the_large_tensors_of_a_large_model_only(monkeypatch
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     for kw in ({"fused": False}, {"foreach": False}, {"foreach": True}):
         assert "_compiled" not in run(**kw)[0].__dict__, kw
+
+
+def test_a_compiled_step_under_a_dispatch_mode_runs_eager_for_that_step(monkeypatch):
+    """FlopCounterMode (or CommDebugMode, an operation counter) around a training step: Dynamo
+    cannot trace under a user's TorchDispatchMode, so that step runs eager and the next ones
+    compile as before (it raised a RuntimeError)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dessilbi.core import flat
+
+    monkeypatch.setattr(flat, "MAX_NUMEL", 100)  # the larger tensors take the compiled kernel
+
+    models = [small_model().float() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    data = [(x.float(), y) for x, y in batches(3)]
+    opts = [DessiLBI(lbi_param_groups(m), lr=0.1, nu=0.5, lambda_=0.05, fused=fused)
+            for m, fused in zip(models, (False, True))]
+    for m, o in zip(models, opts):
+        with FlopCounterMode(display=False):
+            train(m, o, data[:1])
+        train(m, o, data[1:])
+    assert opts[1].__dict__["_compiled"]["update"].compiled is not None
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import group_by_device_dtype
 
@@ -206,7 +207,10 @@ class _Compiled:
         self.compiled: Callable[..., Any] | None = torch.compile(own, fullgraph=True)
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is not None:
+        # Dynamo refuses to trace under a user's TorchDispatchMode (FlopCounterMode,
+        # CommDebugMode, an operation counter) and raises a plain RuntimeError: eager then,
+        # for this call only
+        if self.compiled is not None and _get_current_dispatch_mode() is None:
             try:
                 return self.compiled(*args)
             except _compile_errors() as e:  # raised while compiling, before a tensor is written
