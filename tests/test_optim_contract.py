@@ -102,6 +102,23 @@ def test_every_implementation_agrees_with_the_per_tensor_loop(impl: str) -> None
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_steps_under_inference_mode_keep_the_model_trainable(impl: str) -> None:
+    """torch's optimizers step under ``torch.inference_mode()``; DessiLBI's buckets moved the
+    parameters into an inference-mode arena there, which autograd then refused."""
+    ref, other = make_model(), make_model()
+    train(ref, make_opt(ref, impl), range(4))
+    opt = make_opt(other, impl)
+    for i in range(4):
+        x, y = batch(i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(other(x), y).backward()
+        with torch.inference_mode():
+            opt.step()
+    assert not any(p.is_inference() for p in other.parameters())
+    assert_same(weights(ref), weights(other))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_a_late_first_gradient_leaves_the_other_buffers_alone(impl: str) -> None:
     """A layer unfrozen at step 3 starts its own momentum; the others keep theirs."""
     model = make_model()
