@@ -108,6 +108,9 @@ def test_steps_under_inference_mode_keep_the_model_trainable(impl: str) -> None:
     ref, other = make_model(), make_model()
     train(ref, make_opt(ref, impl), range(4))
     opt = make_opt(other, impl)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
     for i in range(4):
         x, y = batch(i)
         opt.zero_grad()
@@ -115,6 +118,7 @@ def test_steps_under_inference_mode_keep_the_model_trainable(impl: str) -> None:
         with torch.inference_mode():
             opt.step()
     assert not any(p.is_inference() for p in other.parameters())
+    assert calls == ["pre", "post"] * 4  # one step each, as outside inference mode
     assert_same(weights(ref), weights(other))
 
 

@@ -236,11 +236,15 @@ class DessiLBI(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """Perform one DessiLBI step; returns the closure's loss when a closure is given."""
-        if torch.is_inference_mode_enabled():
-            # the buckets' memory and the state made here must stay normal tensors: a
-            # parameter moved into an inference-mode arena could not be used by autograd again
-            with torch.inference_mode(False):
-                return self.step(closure)
+        if not torch.is_inference_mode_enabled():
+            return self._step(closure)
+        # the buckets' memory and the state made here must stay normal tensors: a parameter
+        # moved into an inference-mode arena could not be used by autograd again (leaving
+        # inference mode turns grad mode back on: off again for the in-place updates)
+        with torch.inference_mode(False), torch.no_grad():
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
