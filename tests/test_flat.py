@@ -15,7 +15,8 @@ from dessilbi.core import flat
 
 VARIANTS = [{}, {"nesterov": True}, {"momentum": 0.0}, {"dampening": 0.3},
             {"weight_decay": 1e-3}, {"maximize": True}, {"group_norm": "rms"},
-            {"nu": float("inf")}, {"penalty": "lasso"}]
+            {"nu": float("inf")}, {"penalty": "lasso"}, {"pull": "outside"}, {"kappa": 1.5},
+            {"pull": "outside", "penalty": "lasso", "kappa": 0.7}]
 
 
 def make_model() -> nn.Module:
@@ -154,6 +155,35 @@ def test_the_batched_step_is_the_per_tensor_loop_bit_for_bit(
     test_the_flat_step_is_the_per_tensor_loop_bit_for_bit(variant)
 
 
+GROUP_SETTINGS = [{"lr": 0.05}, {"momentum": 0.5, "dampening": 0.2}, {"nesterov": True},
+                  {"lr": 0.2, "kappa": 2.0, "momentum": 0.0}]
+
+
+def test_groups_with_their_own_hyper_parameters_update_together_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the stages shared by the groups whose settings agree on them (momentum, the W step) must
+    # still give each group its own numbers
+    from dessilbi.core import flat_plan
+
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
+    models = [make_model(), make_model()]
+    opts = []
+    for model, impl in zip(models, ({"foreach": False}, {})):
+        groups = lbi_param_groups(model)
+        assert len(groups) == len(GROUP_SETTINGS)
+        for group, settings in zip(groups, GROUP_SETTINGS):
+            group.update(settings)
+        opts.append(DessiLBI(groups, lr=0.1, nu=2.0, lambda_=0.05, **impl))
+    for model, opt in zip(models, opts):
+        train(model, opt, 6)
+    assert opts[1].__dict__.get("_flat"), "the default did not take the flat step"
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+        for key, held in opts[0].state[p].items():
+            if isinstance(held, torch.Tensor):
+                assert torch.equal(held, opts[1].state[q][key]), key
+
+
 class CountOps(TorchDispatchMode):
     """The aten operations dispatched (each at least one kernel launch on a GPU)."""
 
@@ -195,7 +225,9 @@ def test_a_step_launches_one_operation_per_bucket_and_a_few_for_all(
     monkeypatch.setattr(flat, "batched_on", lambda device: True)
     (shallow, few), (deep, many) = ops_per_step(2), ops_per_step(10)
     assert many >= few + 8  # a bucket per layer
-    assert deep - shallow == many - few  # its filter norms: a row reduction per bucket
+    # per bucket its filter norms (a row reduction) and W − V·shrink, whose column broadcasts
+    # over the rows: a multi-tensor addcmul would launch one kernel per tensor all the same
+    assert deep - shallow == 2 * (many - few)
     assert shallow <= 25
     # the multi-tensor path makes a few operations per tensor
     assert ops_per_step(10, foreach=True)[0] > 2 * deep

@@ -41,18 +41,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import repeat
 from operator import is_
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .arena import adopt, adoptable, bump_versions
+from .arena import adopt, adoptable
 from .kernels import plain
+from .transfer import Transfer
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
-           "batched_on", "copy_in", "copy_out", "flat_step", "gather", "group_shrink",
-           "group_shrinks", "worth_bucketing", "write_back"]
+           "batched_on", "flat_step", "gap_of", "gather", "group_shrink",
+           "worth_bucketing", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
@@ -117,6 +119,7 @@ class FlatBucket:
         self.adopted = arena is not None
         self.weights = arena if arena is not None else torch.empty(n_rows, k, **like)
         self.gap: Tensor | None = None  # W − Γ: the gradient buffer's memory where it is free
+        self._transfer: Transfer | None = None
         self.v = self._adopt(states, "V") if penalty != "none" else None
         self.buf = self._adopt(states, "momentum_buffer")
         self.v_views = self._views(self.v)
@@ -164,15 +167,21 @@ class FlatBucket:
                 list(map(Tensor.data_ptr, params)) != self.pointers:
             return False
         if self.v is not None and \
-                not all(map(is_, [st.get("V") for st in states], self.v_views)):
+                not all(map(is_, map(dict.get, states, repeat("V")), self.v_views)):
             return False
         if not use_momentum:
             return True
-        bufs = [st.get("momentum_buffer") for st in states]
+        bufs = list(map(dict.get, states, repeat("momentum_buffer")))
         if all(map(is_, bufs, self.buf_views)):
             return True
         return all(b is view or (b is None and start)
                    for b, view, start in zip(bufs, self.buf_views, self.starting))
+
+    def transfer(self) -> Transfer:
+        """The copies in and out of this bucket alone (built once)."""
+        if self._transfer is None:
+            self._transfer = Transfer([self])
+        return self._transfer
 
     def gap_buffer(self) -> Tensor:
         """A buffer for W − Γ when the gradient buffer is still in use (Nesterov, or no
@@ -228,35 +237,23 @@ def flat_step(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str,
               masks: Sequence[Sequence[Tensor | None]], lams: Sequence[Tensor | float], *,
               lr: float, kappa: float, nu: float, group_norm: str, momentum: float,
               dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
-              pull: str = "all", batched: bool | None = None, copies: bool = True) -> None:
+              pull: str = "all") -> None:
     """One DessiLBI step of every tensor of ``buckets`` (one parameter group's, one dtype and
-    device; the formula: the module docstring). Per bucket: its tensors' states and masks,
-    and its threshold or column of per-row ones (:meth:`FlatBucket.lambdas_of`).
-
-    The copies in and out are one multi-tensor operation for all the buckets. The update
-    itself runs bucket after bucket, or with ``batched`` (default: :func:`batched_on` their
-    device) as one multi-tensor operation per stage over all of them, so that the operations a
-    step launches grow with the number of buckets only through the filter norms. Either way
-    the numbers are those of the per-tensor loop. Without ``copies`` the caller copies the
-    tensors in and out (:func:`copy_in`, :func:`copy_out`), for the buckets of several groups
-    at once.
+    device; the formula: the module docstring), bucket after bucket. Per bucket: its tensors'
+    states and masks, and its threshold or column of per-row ones
+    (:meth:`FlatBucket.lambdas_of`). The copies in and out are one multi-tensor operation for
+    all the buckets; the numbers are those of the per-tensor loop. Where buckets update
+    together (:func:`batched_on`), :func:`.together.step_together` takes their place.
     """
-    if batched is None:
-        batched = batched_on(buckets[0].weights.device)
-    if copies:
-        copy_in(buckets)
+    transfer = buckets[0].transfer() if len(buckets) == 1 else Transfer(buckets)
+    transfer.copy_in()
     held = gather(buckets, masks, momentum=momentum, dampening=dampening,
                   weight_decay=weight_decay, maximize=maximize)
-    hp = dict(lr=lr, kappa=kappa, nu=nu, group_norm=group_norm, momentum=momentum,
-              dampening=dampening, nesterov=nesterov, pull=pull)
-    if batched:
-        _update_together(buckets, lams, **hp)  # type: ignore[arg-type]
-    else:
-        for bucket, lam in zip(buckets, lams):
-            _update_one(bucket, lam, **hp)  # type: ignore[arg-type]
+    for bucket, lam in zip(buckets, lams):
+        _update_one(bucket, lam, lr=lr, kappa=kappa, nu=nu, group_norm=group_norm,
+                    momentum=momentum, dampening=dampening, nesterov=nesterov, pull=pull)
     write_back(buckets, states, held, momentum)
-    if copies:
-        copy_out(buckets)
+    transfer.copy_out()
 
 
 def _update_one(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float, nu: float,
@@ -273,73 +270,14 @@ def _update_one(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: fl
         d = g.add_(bucket.buf, alpha=momentum) if nesterov else bucket.buf
     step = lr * kappa
     if bucket.penalty != "none" and nu != math.inf:
-        gap, idle = _gap(bucket, lam, kappa, group_norm,
-                         out=g if d is not g else bucket.gap_buffer(), idle=pull == "outside")
+        gap, idle = gap_of(bucket, lam, kappa, group_norm,
+                           out=g if d is not g else bucket.gap_buffer(), idle=pull == "outside")
         bucket.v.add_(gap, alpha=lr / nu)  # type: ignore[union-attr]
         if idle is None:
             w.add_(gap, alpha=-step / nu)
         else:  # the pull on the units outside supp(Γ) only
             w.addcmul_(gap, idle, value=-step / nu)
     w.add_(d, alpha=-step)
-
-
-def _update_together(buckets: Sequence[FlatBucket], lams: Sequence[Tensor | float], *,
-                     lr: float, kappa: float, nu: float, group_norm: str, momentum: float,
-                     dampening: float, nesterov: bool, pull: str) -> None:
-    """The update of all ``buckets`` as one multi-tensor operation per stage (and a row
-    reduction per bucket for the filter norms); the momentum and W − Γ each cost a copy pass
-    more than :func:`_update_one`."""
-    ws = [b.weights for b in buckets]
-    ds = _momentum(buckets, momentum, dampening, nesterov)
-    step = lr * kappa
-    coupled = [i for i, b in enumerate(buckets) if b.penalty != "none"] if nu != math.inf \
-        else []
-    if coupled:
-        outs = [buckets[i].grads if ds[i] is not buckets[i].grads else buckets[i].gap_buffer()
-                for i in coupled]
-        gaps, idles = _gaps([buckets[i] for i in coupled], [lams[i] for i in coupled], kappa,
-                            group_norm, outs, pull == "outside")
-        torch._foreach_add_([buckets[i].v for i in coupled], gaps,  # type: ignore[misc]
-                            alpha=lr / nu)
-        if idles is None:
-            torch._foreach_add_([ws[i] for i in coupled], gaps, alpha=-step / nu)
-        else:  # the pull on the units outside supp(Γ) only
-            torch._foreach_addcmul_([ws[i] for i in coupled], gaps, idles, value=-step / nu)
-    torch._foreach_add_(ws, ds, alpha=-step)
-
-
-def _momentum(buckets: Sequence[FlatBucket], momentum: float, dampening: float,
-              nesterov: bool) -> list[Tensor]:
-    """B ← m B + (1 − dampening) G of all the buckets; returns the step direction D per
-    bucket (B, G + m B with Nesterov, G without momentum), which may be the gradient buffer."""
-    gs = [b.grads for b in buckets]
-    if momentum == 0.0:
-        return gs
-    bufs: list[Tensor] = [b.buf for b in buckets]  # type: ignore[misc]
-    if dampening != 0.0:
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, gs, alpha=1.0 - dampening)
-    elif not nesterov:  # G ← G + m B, the new buffer, then B ← G: two launches
-        torch._foreach_add_(gs, bufs, alpha=momentum)
-        torch._foreach_copy_(bufs, gs)
-    else:
-        for g, b in zip(gs, bufs):  # b ← g + m b in one pass
-            torch.add(g, b, alpha=momentum, out=b)
-    if nesterov:
-        torch._foreach_add_(gs, bufs, alpha=momentum)
-        return gs
-    return bufs
-
-
-def copy_in(buckets: Sequence[FlatBucket]) -> None:
-    """Copy the gradients of the buckets' tensors and their weights, unless adopted, into the
-    buckets: one multi-tensor copy each for all of them."""
-    torch._foreach_copy_([view for b in buckets for view in b.grad_views],  # type: ignore[misc]
-                         [p.grad for b in buckets for p in b.params])
-    copied = [b for b in buckets if not b.adopted]
-    if copied:
-        torch._foreach_copy_([view for b in copied for view in b.weight_views],  # type: ignore[misc]
-                             [p for b in copied for p in b.params])
 
 
 def gather(buckets: Sequence[FlatBucket], masks: Sequence[Sequence[Tensor | None]], *,
@@ -375,19 +313,8 @@ def write_back(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str
             for st, view in zip(sts, b.buf_views):
                 st["momentum_buffer"] = view if momentum != 0.0 else None
             b.published = published
-        b.starting = [False] * len(b.params)
-
-
-def copy_out(buckets: Sequence[FlatBucket]) -> None:
-    """Put the updated weights in the parameters: one multi-tensor copy for the buckets that
-    hold copies, a version bump for those that hold the parameters themselves."""
-    adopted = [p for b in buckets if b.adopted for p in b.params]
-    if adopted:  # written through their bucket's tensor: only autograd must hear of it
-        bump_versions(adopted)
-    copied = [b for b in buckets if not b.adopted]
-    if copied:
-        torch._foreach_copy_([p for b in copied for p in b.params],
-                             [view for b in copied for view in b.weight_views])  # type: ignore[misc]
+        if any(b.starting):
+            b.starting = [False] * len(b.params)
 
 
 def _start_buffers(bucket: FlatBucket, g: Tensor, momentum: float, dampening: float) -> None:
@@ -403,73 +330,29 @@ def _start_buffers(bucket: FlatBucket, g: Tensor, momentum: float, dampening: fl
                 start.copy_(rows).mul_(dampening / momentum)
 
 
-def group_shrink(v: Tensor, lam: Tensor | float, kappa: float, group_norm: str) -> Tensor:
-    """κ · max(0, 1 − λ / ‖V_r‖) of every row r of ``v``, as a column (the group prox of V is
-    this column times V)."""
+def group_shrink(v: Tensor, lam: Tensor | float, group_norm: str) -> Tensor:
+    """max(0, 1 − λ / ‖V_r‖) of every row r of ``v``, as a column (the group prox of V is this
+    column times V), computed as :func:`.prox.group_scale` does."""
     norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
     if group_norm == "rms":
         norms = norms / math.sqrt(v.shape[1])
     tiny = torch.finfo(norms.dtype).tiny
-    return (norms - lam).clamp_min_(0.0).div_(norms.clamp_min(tiny)).mul_(kappa)
+    return (norms - lam).clamp_min_(0.0).div_(norms.clamp_min(tiny))
 
 
-def group_shrinks(vs: Sequence[Tensor], lams: Sequence[Tensor | float], kappa: float,
-                  group_norm: str) -> list[Tensor]:
-    """:func:`group_shrink` of several buffers: a row reduction each, then one multi-tensor
-    operation per stage for all of them."""
-    norms = [torch.linalg.vector_norm(v, dim=1, keepdim=True) for v in vs]
-    if group_norm == "rms":
-        torch._foreach_div_(norms, [math.sqrt(v.shape[1]) for v in vs])
-    if all(isinstance(lam, Tensor) for lam in lams):
-        shrinks = torch._foreach_sub(norms, list(lams))  # type: ignore[arg-type]
-    elif any(isinstance(lam, Tensor) for lam in lams):
-        shrinks = [n - lam for n, lam in zip(norms, lams)]
-    else:
-        shrinks = torch._foreach_sub(norms, [float(lam) for lam in lams])  # type: ignore[arg-type]
-    torch._foreach_clamp_min_(shrinks, 0.0)
-    tiny = [torch.finfo(n.dtype).tiny for n in norms]
-    torch._foreach_div_(shrinks, torch._foreach_clamp_min(norms, tiny))
-    torch._foreach_mul_(shrinks, kappa)
-    return shrinks
-
-
-def _gap(bucket: FlatBucket, lam: Tensor | float, kappa: float, group_norm: str,
-         out: Tensor, idle: bool = False) -> tuple[Tensor, Tensor | None]:
+def gap_of(bucket: FlatBucket, lam: Tensor | float, kappa: float, group_norm: str,
+           out: Tensor, idle: bool = False) -> tuple[Tensor, Tensor | None]:
     """D = W − κ prox_λ(V) into ``out`` (Γ is never materialised) and, with ``idle``,
     1[Γ = 0] per row (``group``) or entry (``lasso``)."""
     v, w = bucket.v, bucket.weights
     assert v is not None
     if bucket.penalty == "group":
-        shrink = group_shrink(v, lam, kappa, group_norm)
+        shrink = group_shrink(v, lam, group_norm)
         outside = (shrink == 0).to(w.dtype) if idle else None
-        return torch.addcmul(w, v, shrink, value=-1.0, out=out), outside
-    # lasso: W − κ (V − clamp(V, −λ, λ)) = W + κ (clamp(V, −λ, λ) − V)
+        # W − κ (V·shrink), rounded as the per-tensor loop rounds it
+        return torch.addcmul(w, v, shrink, value=-kappa, out=out), outside
+    # lasso: W − κ (V − clamp(V, −λ, λ)) = W + κ (clamp(V, −λ, λ) − V), rounded as the
+    # per-tensor loop's W − κ Γ (negating a difference or a product is exact)
     outside = (v.abs() <= lam).to(w.dtype) if idle else None
     torch.clamp(v, min=-lam, max=lam, out=out)  # type: ignore[arg-type]
-    return out.sub_(v).mul_(kappa).add_(w), outside
-
-
-def _gaps(buckets: Sequence[FlatBucket], lams: Sequence[Tensor | float], kappa: float,
-          group_norm: str, outs: Sequence[Tensor], idle: bool,
-          ) -> tuple[list[Tensor], list[Tensor] | None]:
-    """:func:`_gap` of all ``buckets``: the group buckets' W − V·shrink as two multi-tensor
-    operations (W copied into ``outs``, then the product subtracted), the lasso ones each."""
-    grouped = [i for i, b in enumerate(buckets) if b.penalty == "group"]
-    shrinks = dict(zip(grouped, group_shrinks(
-        [buckets[i].v for i in grouped], [lams[i] for i in grouped],  # type: ignore[misc]
-        kappa, group_norm))) if grouped else {}
-    if grouped:
-        torch._foreach_copy_([outs[i] for i in grouped], [buckets[i].weights for i in grouped])
-        torch._foreach_addcmul_([outs[i] for i in grouped],
-                                [buckets[i].v for i in grouped],  # type: ignore[misc]
-                                [shrinks[i] for i in grouped], value=-1.0)
-    idles: list[Tensor] = []
-    for i, (b, lam, out) in enumerate(zip(buckets, lams, outs)):
-        if b.penalty == "group":
-            if idle:
-                idles.append((shrinks[i] == 0).to(b.weights.dtype))
-            continue
-        _, outside = _gap(b, lam, kappa, group_norm, out, idle)
-        if outside is not None:
-            idles.append(outside)
-    return list(outs), idles if idle else None
+    return torch.add(w, out.sub_(v), alpha=kappa, out=out), outside

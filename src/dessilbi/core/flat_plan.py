@@ -10,22 +10,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from operator import is_
+from itertools import repeat
+from operator import is_, is_not
 from typing import Any
 
 from torch import Tensor
 
 from .checks import check_grad
-from .flat import (
-    FlatBucket,
-    batched_on,
-    bucket_key,
-    copy_in,
-    copy_out,
-    eligible,
-    flat_step,
-    worth_bucketing,
-)
+from .flat import FlatBucket, batched_on, bucket_key, eligible, flat_step, worth_bucketing
+from .together import Part, step_together
+from .transfer import Transfer, grads_of
+
+HYPER = ("lr", "kappa", "nu", "group_norm", "momentum", "dampening", "nesterov", "weight_decay",
+         "maximize", "pull")  # what a group's step reads
 
 __all__ = ["plan_buckets", "step_buckets"]
 
@@ -38,7 +35,10 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
     """Group ``index``'s tensors with a gradient split into flat buckets (by
     :func:`.flat.bucket_key`) and the others; kept while the same tensors have gradients (a
     step then only checks which do)."""
-    with_grad = [p for p in group["params"] if p.grad is not None]
+    params = group["params"]
+    grads = list(map(grads_of, params))
+    with_grad = params if all(map(is_not, grads, repeat(None))) \
+        else [p for p, g in zip(params, grads) if g is not None]
     held = cache.get(("plan", index))
     if held is not None and held[0] == group["penalty"] and len(held[1]) == len(with_grad) \
             and all(map(is_, held[1], with_grad)):
@@ -55,7 +55,8 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
             others.append(p)
     for key in [k for k, ps in buckets.items() if not worth_bucketing(ps)]:
         others.extend(buckets.pop(key))
-    cache[("plan", index)] = (group["penalty"], with_grad, dict(buckets), others)
+    # a copy: the group's own list may be changed in place before the next step
+    cache[("plan", index)] = (group["penalty"], list(with_grad), dict(buckets), others)
     return buckets, others
 
 
@@ -64,40 +65,55 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
     """The step of the flat buckets of every group in ``work`` ((index, group, plan)),
     rebuilding a bucket when its tensors or their state changed since the last step. On CUDA
     (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
-    together and each group's buckets update together; on the CPU bucket after bucket."""
+    together and update together, stage by stage (:mod:`.together`); on the CPU bucket after
+    bucket."""
     by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Any]]]] = defaultdict(list)
     for index, group, planned in work:
         for key, params in planned.items():
-            states = [state[p] for p in params]
+            states = list(map(state.__getitem__, params))
             bucket = cache.get((index, key))
             if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
                 bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
             by_kind[key[2:]].append((index, bucket, states))  # (dtype, device)
-    for (_, device), entries in by_kind.items():
+    for kind, entries in by_kind.items():
+        device = kind[1]
         if not batched_on(device):
             for index, bucket, states in entries:
-                _step(param_groups[index], [(bucket, states)], False)
+                _step(param_groups[index], [(bucket, states)])
             continue
-        buckets = [b for _, b, _ in entries]
-        copy_in(buckets)
-        for index in dict.fromkeys(i for i, _, _ in entries):
-            _step(param_groups[index], [(b, sts) for i, b, sts in entries if i == index],
-                  True, copies=False)
-        copy_out(buckets)
+        transfer = _transfer(cache, kind, [b for _, b, _ in entries])
+        transfer.copy_in()
+        step_together([_part(param_groups[index], [(b, sts) for i, b, sts in entries if i == index])
+                       for index in dict.fromkeys(i for i, _, _ in entries)])
+        transfer.copy_out()
 
 
-def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]], batched: bool,
-          copies: bool = True) -> None:
-    """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors' states) of
-    ``group``."""
+def _transfer(cache: dict[Any, Any], kind: tuple[Any, ...], buckets: list[FlatBucket],
+              ) -> Transfer:
+    """The copies of ``buckets`` (all of one ``kind``: dtype and device), kept while they are
+    the same buckets."""
+    held = cache.get(("transfer", kind))
+    if held is None or not held.serves(buckets):
+        held = cache[("transfer", kind)] = Transfer(buckets)
+    return held
+
+
+def _part(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> Part:
+    """``group``'s share of the step: its buckets ``held`` (with their tensors' states), their
+    masks and thresholds, and its hyper-parameters (a tensor lr as a float)."""
     states = [sts for _, sts in held]
-    lr = group["lr"]
-    flat_step(
-        [b for b, _ in held], states,
-        [[st.get("mask") for st in sts] for sts in states],  # type: ignore[misc]
-        [b.lambdas_of([st.get("lambda_", group["lambda_"]) for st in sts]) for b, sts in held],
-        lr=float(lr) if isinstance(lr, Tensor) else lr, kappa=group["kappa"], nu=group["nu"],
-        group_norm=group["group_norm"], momentum=group["momentum"],
-        dampening=group["dampening"], nesterov=group["nesterov"],
-        weight_decay=group["weight_decay"], maximize=group["maximize"], pull=group["pull"],
-        batched=batched, copies=copies)
+    lam = repeat(group["lambda_"])
+    hp = {k: group[k] for k in HYPER}
+    if isinstance(hp["lr"], Tensor):
+        hp["lr"] = float(hp["lr"])
+    return Part(hp, [b for b, _ in held], states,
+                [list(map(dict.get, sts, repeat("mask"))) for sts in states],
+                [b.lambdas_of(list(map(dict.get, sts, repeat("lambda_"), lam)))
+                 for b, sts in held])
+
+
+def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> None:
+    """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors' states) of
+    ``group``, bucket after bucket."""
+    part = _part(group, held)
+    flat_step(part.buckets, part.states, part.masks, part.lams, **part.hp)
