@@ -115,3 +115,38 @@ def test_a_network_pruned_wrongly_is_refused():
     mask = Mask({"conv.weight": keep.clone()}, {"conv.weight": "group"})
     with pytest.raises(PruneError, match="differs from the masked one"):
         prune_model(model, mask, torch.randn(2, 1, 6, 6))
+
+
+class RecordsPrecision(nn.Module):
+    """A network that notes whether TF32 was allowed at each forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+        self.tf32: list[tuple[bool, bool]] = []
+
+    def forward(self, x):
+        self.tf32.append((torch.backends.cudnn.allow_tf32,
+                          torch.backends.cuda.matmul.allow_tf32))
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_the_pruned_network_is_checked_in_full_float32_and_the_flags_come_back(monkeypatch):
+    # on a GPU cuDNN's TF32 convolutions made the check refuse a correctly pruned Conv-4
+    # (2.5e-3 apart on an H200); the check's forward passes must run without TF32
+    from dessilbi.sparsity import Mask
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.manual_seed(0)
+    model = RecordsPrecision()
+    keep = torch.tensor([True, False, True, True]).reshape(4, 1, 1, 1).expand(4, 1, 3, 3)
+    result = prune_model(model, Mask({"conv.weight": keep.clone()}, {"conv.weight": "group"}),
+                         torch.randn(2, 1, 6, 6))
+    # prune_model works on a copy: its passes are the returned network's; the two of the
+    # check (before the surgery and after) without TF32, the cost counts as the user set it
+    assert result.model.tf32.count((False, False)) == 2
+    assert (True, True) in result.model.tf32
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+

@@ -19,6 +19,8 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ from ..sparsity.masks import Mask, unwrap
 log = logging.getLogger(__name__)
 
 __all__ = ["PruneResult", "prune_model", "channel_masked", "prunable_channels", "count_cost",
+           "full_float32",
            "cpu_latency", "export_onnx", "PruneError"]
 
 
@@ -156,16 +159,34 @@ class PruneError(ValueError):
     """The pruned network does not compute what the masked one computes."""
 
 
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in full precision inside the block, not in
+    TF32 (cuDNN's default for convolutions on Ampere and later GPUs, which keeps 10 bits of
+    each input's mantissa: two computations of one network then differ by about 1e-3 of the
+    output, an H200 run of Conv-4 by 2.5e-3, and no comparison tells a mispruned network
+    from rounding)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 @torch.no_grad()
 def _output(model: nn.Module, example: Tensor) -> Tensor:
     model.eval()
-    return model(example)
+    with full_float32():
+        return model(example)
 
 
 def _check_same_function(expected: Tensor, pruned: nn.Module, example: Tensor,
                          tol: float = 1e-4) -> None:
     """Refuse a pruned network whose output differs from ``expected``, the channel-masked
-    network's (a layout the dependency graph misreads, e.g. channels permuted before a Linear)."""
+    network's (a layout the dependency graph misreads, e.g. channels permuted before a Linear),
+    by more than ``tol`` of the output's scale."""
     got = _output(pruned, example)
     diff = float((expected - got).abs().max()) if expected.shape == got.shape else math.inf
     scale = max(1.0, float(expected.abs().max()))
