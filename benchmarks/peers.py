@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ class Setup:
     fade: bool = False  # SparsityTarget fades the units outside supp(Γ) to zero by selection
     start_at: float = 0.0  # SparsityTarget's support schedule starts here (fraction of the run)
     settle: float = 0.0  # SparsityTarget ramps the dropped units down this long after selection
+    device: str = "cpu"  # where every method trains (the initial weights are made on the CPU)
 
 
 @dataclass
@@ -93,7 +95,7 @@ def load_data(setup: Setup) -> Data:
         x = ds.images.float().div_(255.0)
         return (x - ds.mean) / ds.std, ds.labels
 
-    return Data(*tensors(train), *tensors(test))
+    return Data(*(t.to(setup.device) for t in (*tensors(train), *tensors(test))))
 
 
 def batches(setup: Setup, data: Data, epoch: int) -> list[tuple[Tensor, Tensor]]:
@@ -163,7 +165,7 @@ def train(setup: Setup, data: Data, model: nn.Module, opt: torch.optim.Optimizer
 def fresh(setup: Setup, init: dict[str, Tensor]) -> nn.Module:
     model = create_model(setup.model, 10, 1, 28)
     model.load_state_dict(init)
-    return model
+    return model.to(setup.device)
 
 
 def sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -274,11 +276,14 @@ def run_tp_mag(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
 
 @contextmanager
 def oto_shims() -> Any:
-    """only-train-once 3.0.1 on torch ≥ 2.9 and without CUDA: moved TorchScript-exporter
-    internals put back where it looks for them, and ``.cuda()`` a no-op."""
+    """only-train-once 3.0.1 on torch ≥ 2.9, Python ≥ 3.12 and without CUDA: moved
+    TorchScript-exporter internals put back where it looks for them, a stand-in for the removed
+    ``imp`` module, and ``.cuda()`` a no-op."""
     from torch.onnx._internal.torchscript_exporter import _globals, utils
 
     sys.modules.setdefault("torch.onnx._globals", _globals)
+    # it imports ``imp`` (gone in Python 3.12) and uses nothing of it
+    sys.modules.setdefault("imp", importlib)
     if not hasattr(torch.onnx, "_optimize_graph"):
         torch.onnx._optimize_graph = utils._optimize_graph  # type: ignore[attr-defined]
     real_cuda = torch.Tensor.cuda
@@ -355,6 +360,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.0,
                     help="SparsityTarget ramps the units outside the chosen support down to "
                          "zero over this fraction of the run after the selection")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
+                    "trains, from the same initial weights")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     ap.add_argument("--trace", type=Path, help="JSON lines, appended: after every epoch of a "
                     "dessilbi run, the accuracy of the whole and of the pruned network")
@@ -369,10 +376,10 @@ def main() -> None:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
                       args.whole_first, args.pull, args.select_at, args.support, args.fade,
-                      args.start_at, args.settle)
+                      args.start_at, args.settle, args.device)
         data = load_data(setup)
         torch.manual_seed(seed)
-        init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())
+        init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())  # on the CPU
         dense, dense_seconds = (run_dense(setup, data, init) if needs_dense
                                 else (fresh(setup, init), None))
         example = data.x_test[:1]

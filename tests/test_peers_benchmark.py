@@ -22,6 +22,7 @@ def test_trace_follows_the_run_to_its_row(tmp_path, monkeypatch):
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]  # no dense run asked for
     epochs = [json.loads(x) for x in trace.read_text().splitlines()]
     assert row["method"] == "dessilbi" and row["select_at"] == 0.5
+    assert row["device"] == "cpu"  # where it trained, in every row (--device; H200 rows too)
     assert row["epoch_time_ratio"] is None  # no dense run to time against
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     # 2 steps an epoch, the selection at step 3 of 6: the mask is fixed during the second epoch
