@@ -26,9 +26,9 @@ become a column of per-row thresholds, fixed masks a mask of the buffer's shape.
 rebuilt (the state copied into new buffers) whenever its tensors change: a parameter getting
 its first gradient, ``load_state_dict`` replacing the state, a mask set or lifted.
 
-On CUDA the buckets of a group also update together, one multi-tensor operation per stage for
-all of them (:func:`batched_on`), so that a step launches a number of operations that grows
-with the number of buckets only through their filter norms.
+On CUDA the buckets of all groups also update together, one multi-tensor operation per stage
+for all of them (:func:`batched_on`, :mod:`.together`), so that a step launches a number of
+operations that grows with the number of buckets only through their filter norms and W − Γ.
 
 Only tensors this module knows how to lay out take part (:func:`eligible`); the others, and
 every tensor of a group that asks for ``foreach`` or ``fused``, take the per-tensor or
@@ -223,12 +223,12 @@ def batched_on(device: torch.device) -> bool:
     """Whether the buckets on ``device`` update together, one multi-tensor operation per stage
     for all of them, or one bucket after another.
 
-    Together on CUDA, where launching an operation costs more than its pass over memory: on
-    ResNet-56 a step dispatches 29 operations instead of 96 (H200 measurements of the bucket
-    by bucket step: docs/cuda.md). One after another on the CPU, where a bucket's buffers stay
-    in the cache from one stage to the next: a first version that ran the CPU buckets stage by
-    stage measured 1.29–1.43× SGD's step on ResNet-56, against 1.20–1.27× bucket by bucket
-    (three alternating runs each).
+    Together on CUDA (:mod:`.together`), where launching an operation costs more than its
+    pass over memory: on ResNet-56 a step dispatches 25 operations instead of 96 (H200
+    measurements of the bucket by bucket step: docs/cuda.md). One after another on the CPU,
+    where a bucket's buffers stay in the cache from one stage to the next: a first version
+    that ran the CPU buckets stage by stage measured 1.29–1.43× SGD's step on ResNet-56,
+    against 1.20–1.27× bucket by bucket (three alternating runs each).
     """
     return device.type == "cuda"
 
