@@ -78,6 +78,7 @@ class Setup:
     start_at: float = 0.0  # SparsityTarget's support schedule starts here (fraction of the run)
     settle: float = 0.0  # SparsityTarget ramps the dropped units down this long after selection
     device: str = "cpu"  # where every method trains (the initial weights are made on the CPU)
+    reserve: int = 0  # SparsityTarget: each layer's best units counted first (narrow layers)
 
 
 @dataclass
@@ -197,7 +198,8 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          select_at=setup.select_at, schedule=setup.support,
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else (),
-                         fade=setup.fade, start_at=setup.start_at, settle=setup.settle)
+                         fade=setup.fade, start_at=setup.start_at, settle=setup.settle,
+                         reserve=setup.reserve)
     head_name = name_of(model, head)
 
     def after_epoch(epoch: int) -> None:
@@ -360,6 +362,9 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.0,
                     help="SparsityTarget ramps the units outside the chosen support down to "
                          "zero over this fraction of the run after the selection")
+    ap.add_argument("--reserve", type=int, default=0,
+                    help="SparsityTarget counts each layer's best N units first (a narrow "
+                         "layer is not cut into a bottleneck)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
                     "trains, from the same initial weights")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
@@ -376,7 +381,7 @@ def main() -> None:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
                       args.whole_first, args.pull, args.select_at, args.support, args.fade,
-                      args.start_at, args.settle, args.device)
+                      args.start_at, args.settle, args.device, args.reserve)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())  # on the CPU

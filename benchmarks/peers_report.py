@@ -87,6 +87,8 @@ def setting(row: dict[str, Any]) -> str:
         parts.append("fade")
     if row.get("settle"):
         parts.append(f"settle {row['settle']:g}")
+    if row.get("reserve"):
+        parts.append(f"reserve {row['reserve']}")
     if row.get("ranking"):  # an allocation given by hand or another ranking, as screened
         parts.append(row["ranking"])
     return " / ".join(parts)

@@ -435,6 +435,35 @@ def test_whole_layers_must_be_penalised_and_ranked_globally():
         SparsityTarget(opt, 0.5, 10, whole=[model[0].weight], allocation="layer")
 
 
+def kept_per_layer(opt):
+    return [int(opt.support(p).flatten(1).any(1).sum()) for p in opt.penalised_params()]
+
+
+def test_a_reserve_keeps_each_layers_best_units_inside_the_target():
+    # at 30 % of the 60 units (18), the global ranking alone leaves the convolutions 3 and 4
+    # units; a reserve of 6 gives every layer its 6 best units first, the count unchanged
+    batches = data(12)
+    kept = {}
+    for reserve in (0, 6):
+        model = conv_net()
+        example = batches[0][0][:1]
+        opt, target = setup(model, 0.3, 6, example, select_at=0.5, reserve=reserve)
+        run(model, opt, target, batches[:6])
+        assert target.frozen
+        kept[reserve] = kept_per_layer(opt)
+        assert target.unit_density() == pytest.approx(0.3, abs=0.03)
+    assert min(kept[0]) < 6
+    assert min(kept[6]) >= 6 and sum(kept[6]) == sum(kept[0])
+
+
+def test_a_reserve_is_counted_in_the_global_ranking_only():
+    opt = DessiLBI(lbi_param_groups(conv_net()), lr=0.1)
+    with pytest.raises(ValueError, match="reserve"):
+        SparsityTarget(opt, 0.5, 10, reserve=4, allocation="layer")
+    with pytest.raises(ValueError, match="reserve"):
+        SparsityTarget(opt, 0.5, 10, reserve=-1)
+
+
 def test_the_stem_is_the_first_layer_called_not_the_first_registered():
     class Late(nn.Module):
         def __init__(self):
