@@ -38,6 +38,14 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     assert aimed.replace(start_at=0.0).run_name() == aimed.run_name()  # start_at came later
     assert aimed.replace(start_at=0.0).run_name(legacy=True) == aimed.run_name(legacy=True)
     assert aimed.replace(start_at=0.1).run_name() != aimed.run_name()
+    assert aimed.replace(reserve=0).run_name(legacy=True) == aimed.run_name(legacy=True)
+    assert aimed.replace(reserve=8).run_name() != aimed.replace(reserve=0).run_name()
+
+
+@pytest.mark.parametrize("reserve", [-1, 2.5, True])
+def test_a_reserve_is_a_whole_number_of_units(reserve):
+    with pytest.raises(ConfigError, match="reserve"):
+        TrainConfig(**AIMED, reserve=reserve).validate()
 
 
 @pytest.mark.parametrize("start_at", [0.3, 0.5, -0.1, True])

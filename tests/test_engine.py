@@ -386,6 +386,14 @@ def test_the_support_schedule_starts_at_start_at(tmp_path):
     assert b.target.target_now() == 1.0  # the shrinking support has not started yet
 
 
+def test_the_reserve_reaches_sparsity_target(tmp_path):
+    from dessilbi.training.build import build
+
+    b = build(cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
+                  keep_classifier=True, reserve=6))
+    assert b.target.reserve == 6
+
+
 def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
     kw = dict(model="lenet5", target_density=0.4, linear_penalty="group", keep_classifier=True,
               epochs=3)

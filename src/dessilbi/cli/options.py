@@ -70,6 +70,9 @@ _HELP = {
                "down to the target, cubic) or grow (from empty, the inverse scale space)",
     "start_at": "with a target: when the support starts moving towards it, as a fraction of "
                 "the run (default 0: from the first step; it must be before --select-at)",
+    "reserve": "with a target: each layer's N best filters / neurons come first in the "
+               "ranking, inside the target's count (a narrow layer is not cut into a "
+               "bottleneck; default 0)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

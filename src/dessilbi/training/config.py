@@ -50,7 +50,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir", "download",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
-_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support", "start_at"}
+_NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support", "start_at",
+               "reserve"}
 # Defaults changed since runs were named, oldest first. With a target, the first (the default
 # when the key named nothing) keeps the names it gave and every other value names runs of its
 # own; without a target these settings compute nothing, and no default of any release names.
@@ -92,6 +93,7 @@ class TargetConfig:
     # outside supp(Γ) on the convolutions and all on the linear layers (conv-outside)
     support: str = "shrink"  # how the support reaches the target: shrink (1 → D) or grow (0 → D)
     start_at: float = 0.0  # when the support starts moving towards the target (fraction of run)
+    reserve: int = 0  # each layer's best units counted first in the ranking (narrow layers)
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,9 @@ class TrainConfig:
         if isinstance(self.start_at, bool) or not isinstance(self.start_at, int | float) \
                 or not 0 <= self.start_at < self.select_at:
             raise bad("start_at", "must be a fraction of the run in [0, select_at)")
+        if isinstance(self.reserve, bool) or not isinstance(self.reserve, int) \
+                or self.reserve < 0:
+            raise bad("reserve", "must be a whole number of units >= 0")
         if self.lambda_conv is not None and not self.lambda_conv >= 0:
             raise bad("lambda_conv", "must be >= 0")
         if not 0 <= self.momentum < 1:
