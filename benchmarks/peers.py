@@ -78,7 +78,7 @@ class Setup:
     start_at: float = 0.0  # SparsityTarget's support schedule starts here (fraction of the run)
     settle: float = 0.0  # SparsityTarget ramps the dropped units down this long after selection
     device: str = "cpu"  # where every method trains (the initial weights are made on the CPU)
-    reserve: int = 0  # SparsityTarget: each layer's best units counted first (narrow layers)
+    reserve: int = 8  # SparsityTarget: each layer's best units counted first (narrow layers)
 
 
 @dataclass
@@ -362,9 +362,10 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.0,
                     help="SparsityTarget ramps the units outside the chosen support down to "
                          "zero over this fraction of the run after the selection")
-    ap.add_argument("--reserve", type=int, default=0,
+    ap.add_argument("--reserve", type=int, default=8,
                     help="SparsityTarget counts each layer's best N units first (a narrow "
-                         "layer is not cut into a bottleneck)")
+                         "layer is not cut into a bottleneck; the default 8, 0: the rows "
+                         "without a reserve field)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
                     "trains, from the same initial weights")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")

@@ -440,28 +440,41 @@ def kept_per_layer(opt):
 
 
 def test_a_reserve_keeps_each_layers_best_units_inside_the_target():
-    # at 30 % of the 60 units (18), the global ranking alone leaves the convolutions 3 and 4
-    # units; a reserve of 6 gives every layer its 6 best units first, the count unchanged
-    batches = data(12)
+    # LeNet-5 at 30 % of its 226 units: the ranking alone leaves its first convolution 2 of 6
+    # filters; the reserve of 8 keeps all 6 and 8 or more of every wider layer, the count
+    # unchanged
+    from dessilbi.zoo.models import create_model
+
+    batches = data(12, shape=(1, 28, 28))
     kept = {}
-    for reserve in (0, 6):
-        model = conv_net()
-        example = batches[0][0][:1]
-        opt, target = setup(model, 0.3, 6, example, select_at=0.5, reserve=reserve)
+    for reserve in (0, 8):
+        torch.manual_seed(0)
+        model = create_model("lenet5", 10, 1, 28)
+        opt, target = setup(model, 0.3, 6, batches[0][0][:1], select_at=0.5, reserve=reserve)
         run(model, opt, target, batches[:6])
         assert target.frozen
         kept[reserve] = kept_per_layer(opt)
         assert target.unit_density() == pytest.approx(0.3, abs=0.03)
-    assert min(kept[0]) < 6
-    assert min(kept[6]) >= 6 and sum(kept[6]) == sum(kept[0])
+    assert kept[0][0] < 6
+    assert kept[8][0] == 6 and min(kept[8][1:]) >= 8 and sum(kept[8]) == sum(kept[0])
 
 
-def test_a_reserve_is_counted_in_the_global_ranking_only():
+def test_a_reserve_is_a_whole_number_of_units():
     opt = DessiLBI(lbi_param_groups(conv_net()), lr=0.1)
-    with pytest.raises(ValueError, match="reserve"):
-        SparsityTarget(opt, 0.5, 10, reserve=4, allocation="layer")
-    with pytest.raises(ValueError, match="reserve"):
-        SparsityTarget(opt, 0.5, 10, reserve=-1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="reserve"):
+            SparsityTarget(opt, 0.5, 10, reserve=bad)
+
+
+def test_the_reserves_take_at_most_half_the_units_kept():
+    from dessilbi.core.target import _reserve_within
+
+    resnet56 = [16] * 19 + [32] * 18 + [64] * 18  # its 55 penalised layers, 2,032 units
+    assert _reserve_within(8, resnet56, 0.1) == 1  # 55 of the 203 units kept, not 440
+    assert _reserve_within(8, resnet56, 0.5) == 8
+    lenet5 = [6, 16, 120, 84]
+    assert _reserve_within(8, lenet5, 0.3) == 8  # 30 units of 68: not binding
+    assert _reserve_within(8, lenet5, 0.1) == 2 and _reserve_within(0, lenet5, 1.0) == 0
 
 
 def test_the_stem_is_the_first_layer_called_not_the_first_registered():

@@ -56,7 +56,7 @@ _NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support",
 # when the key named nothing) keeps the names it gave and every other value names runs of its
 # own; without a target these settings compute nothing, and no default of any release names.
 _FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "pull": ("all", "conv-outside"), "select_at": (0.5,), "support": ("grow",)}
+    "pull": ("all", "conv-outside"), "select_at": (0.5,), "support": ("grow",), "reserve": (0,)}
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class TargetConfig:
     # outside supp(Γ) on the convolutions and all on the linear layers (conv-outside)
     support: str = "shrink"  # how the support reaches the target: shrink (1 → D) or grow (0 → D)
     start_at: float = 0.0  # when the support starts moving towards the target (fraction of run)
-    reserve: int = 0  # each layer's best units counted first in the ranking (narrow layers)
+    reserve: int = 8  # each layer's best units counted first in the ranking (narrow layers)
 
 
 @dataclass(frozen=True)
