@@ -72,7 +72,7 @@ _HELP = {
                 "the run (default 0: from the first step; it must be before --select-at)",
     "reserve": "with a target: each layer's N best filters / neurons come first in the "
                "ranking, inside the target's count (a narrow layer is not cut into a "
-               "bottleneck; default 0)",
+               "bottleneck; default 8, 0: the ranking alone)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",
