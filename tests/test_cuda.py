@@ -120,9 +120,10 @@ def test_gradscaler_skips_a_step_with_an_infinite_gradient() -> None:
         assert torch.equal(opt.state[p]["V"], v)
 
 
-def test_bf16_parameters_train_on_cuda() -> None:
+@pytest.mark.parametrize("fused", [None, True])  # the eager buckets, the Triton kernels
+def test_bf16_parameters_train_on_cuda(fused: bool | None) -> None:
     model = make_model().cuda().to(torch.bfloat16)
-    opt = DessiLBI(lbi_param_groups(model), lr=0.05, nu=5.0, lambda_=0.05)
+    opt = DessiLBI(lbi_param_groups(model), lr=0.05, nu=5.0, lambda_=0.05, fused=fused)
     start = weights(model)
     for i in range(3):
         x, y = batch(i)

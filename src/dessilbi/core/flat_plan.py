@@ -17,9 +17,18 @@ from typing import Any
 from torch import Tensor
 
 from .checks import check_grad
-from .flat import FlatBucket, batched_on, bucket_key, eligible, flat_step, worth_bucketing
+from .flat import (
+    FlatBucket,
+    batched_on,
+    bucket_key,
+    eligible,
+    flat_step,
+    update_buckets,
+    worth_bucketing,
+)
 from .together import Part, step_together
 from .transfer import Transfer, grads_of
+from .triton_update import fused_on, update_bucket
 
 HYPER = ("lr", "kappa", "nu", "group_norm", "momentum", "dampening", "nesterov", "weight_decay",
          "maximize", "pull")  # what a group's step reads
@@ -65,8 +74,9 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
     """The step of the flat buckets of every group in ``work`` ((index, group, plan)),
     rebuilding a bucket when its tensors or their state changed since the last step. On CUDA
     (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
-    together and update together, stage by stage (:mod:`.together`); on the CPU bucket after
-    bucket."""
+    together and update together, stage by stage (:mod:`.together`), or, for the groups with
+    ``fused=True`` where Triton is, one fused kernel per bucket (:mod:`.triton_update`); on
+    the CPU bucket after bucket."""
     by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Any]]]] = defaultdict(list)
     for index, group, planned in work:
         for key, params in planned.items():
@@ -83,8 +93,17 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
             continue
         transfer = _transfer(cache, kind, [b for _, b, _ in entries])
         transfer.copy_in()
-        step_together([_part(param_groups[index], [(b, sts) for i, b, sts in entries if i == index])
-                       for index in dict.fromkeys(i for i, _, _ in entries)])
+        parts = {index: _part(param_groups[index], [(b, sts) for i, b, sts in entries
+                                                    if i == index])
+                 for index in dict.fromkeys(i for i, _, _ in entries)}
+        kernel = fused_on(device)
+        for index in [i for i in parts if kernel and param_groups[i]["fused"]]:
+            # one fused kernel per bucket (:mod:`.triton_update`)
+            part = parts.pop(index)
+            update_buckets(part.buckets, part.states, part.masks, part.lams, update_bucket,
+                           **part.hp)
+        if parts:
+            step_together(list(parts.values()))
         transfer.copy_out()
 
 
