@@ -92,6 +92,42 @@ def test_one_kernel_is_the_eager_bucket_update(layout: tuple[str, int], threshol
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
 
 
+GATHERS = [{"weight_decay": 0.01}, {"maximize": True}, {"mask": True},
+           {"mask": True, "weight_decay": 0.01, "maximize": True, "pull": "outside"},
+           {"mask": True, "dampening": 0.3, "starting": True}]
+
+
+@interpreted
+@pytest.mark.parametrize("layout", [("group", 27), ("lasso", 9), ("none", 1)], ids=str)
+@pytest.mark.parametrize("setting", GATHERS, ids=str)
+def test_the_gather_in_the_kernel_is_the_eager_gather(layout: tuple[str, int],
+                                                     setting: dict) -> None:
+    # sign, mask and weight decay applied in the kernel, W masked after; a tensor taking its
+    # first step (``starting``) makes the bucket gather first, as the eager step does
+    eager, fused = bucket_pair(*layout)
+    hp = dict(lr=0.1, kappa=1.0, nu=3.0, group_norm="l2", momentum=0.9, dampening=0.0,
+              nesterov=False, pull="all") | setting
+    mask, starting = hp.pop("mask", False), hp.pop("starting", False)
+    decay, maximize = hp.pop("weight_decay", 0.0), hp.pop("maximize", False)
+    gen = torch.Generator().manual_seed(5)
+    masks = [[torch.rand(p.shape, generator=gen) > 0.4 if mask else None for p in eager.params]]
+    for bucket in (eager, fused):
+        bucket.starting = [starting, False]
+    held = flat.gather([eager], masks, momentum=0.9, dampening=hp["dampening"],
+                       weight_decay=decay, maximize=maximize)
+    flat.update_one(eager, 1.0, **hp)
+    flat.write_back([eager], [[{}, {}]], held, 0.9)
+    triton_update.step_buckets([fused], [[{}, {}]], masks, [1.0], weight_decay=decay,
+                               maximize=maximize, **hp)
+    for name in ("weights", "buf", "v"):
+        want, got = getattr(eager, name), getattr(fused, name)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+    if mask:
+        assert torch.equal(fused.weights == 0, held[0] == 0)
+    assert fused.starting == [False, False]
+
+
 @interpreted
 @pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) or "defaults" for v in VARIANTS])
 def test_fused_steps_the_buckets_as_the_default_does(monkeypatch: pytest.MonkeyPatch,
@@ -101,9 +137,8 @@ def test_fused_steps_the_buckets_as_the_default_does(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
     monkeypatch.setattr(flat_plan, "fused_on", lambda device: True)
     launched = []
-    monkeypatch.setattr(flat_plan, "update_bucket",
-                        lambda b, lam, **hp: launched.append(b) or
-                        triton_update.update_bucket(b, lam, **hp))
+    monkeypatch.setattr(flat_plan, "fused_step", lambda buckets, *args, **hp: launched.append(
+        buckets) or triton_update.step_buckets(buckets, *args, **hp))
     ref, new = make_model(), make_model()
     ref_opt, new_opt = make_opt(ref, variant), make_opt(new, variant, fused=True)
     train(ref, ref_opt, 5)
@@ -121,7 +156,8 @@ def test_groups_that_are_not_fused_keep_the_eager_step(monkeypatch: pytest.Monke
     monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
     monkeypatch.setattr(flat_plan, "fused_on", lambda device: True)
     launched: list[flat.FlatBucket] = []
-    monkeypatch.setattr(flat_plan, "update_bucket", lambda b, lam, **hp: launched.append(b))
+    monkeypatch.setattr(flat_plan, "fused_step",
+                        lambda buckets, *args, **hp: launched.extend(buckets))
     model = make_model()
     groups = lbi_param_groups(model)
     groups[0]["fused"] = True

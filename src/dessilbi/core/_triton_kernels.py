@@ -13,6 +13,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _gradient(g_ptr, m_ptr, w, offs, keep, decay,
+              SIGNED: tl.constexpr, MASKED: tl.constexpr, DECAYED: tl.constexpr):
+    """The gathered gradient: −G to maximise, times the fixed mask, plus the weight decay's
+    δ W (the order of :func:`.flat.gather`)."""
+    g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    if SIGNED:
+        g = -g
+    if MASKED:
+        g = g * tl.load(m_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    if DECAYED:
+        g = g + decay * w
+    return g
+
+
+@triton.jit
 def _direction(g, b_ptr, offs, keep, momentum, dampen,
                MOMENTUM: tl.constexpr, DAMPENED: tl.constexpr, NESTEROV: tl.constexpr):
     """The momentum B ← m B + (1 − d) G, stored, and the step direction (B, G + m B with
@@ -33,8 +48,17 @@ def _direction(g, b_ptr, offs, keep, momentum, dampen,
 
 
 @triton.jit
-def group_rows(g_ptr, b_ptr, w_ptr, v_ptr, lam_ptr, lam, k, momentum, dampen, v_rate,
-               pull_rate, step, kappa, norm_scale, tiny,
+def _store_weights(w_ptr, m_ptr, w, offs, keep, MASKED: tl.constexpr):
+    """W, kept at zero outside the fixed mask (:func:`.flat.write_back`)."""
+    if MASKED:
+        w = w * tl.load(m_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def group_rows(g_ptr, b_ptr, w_ptr, v_ptr, m_ptr, lam_ptr, lam, k, momentum, dampen, decay,
+               v_rate, pull_rate, step, kappa, norm_scale, tiny,
+               SIGNED: tl.constexpr, MASKED: tl.constexpr, DECAYED: tl.constexpr,
                MOMENTUM: tl.constexpr, DAMPENED: tl.constexpr, NESTEROV: tl.constexpr,
                LAM_COLUMN: tl.constexpr, OUTSIDE: tl.constexpr, BLOCK: tl.constexpr):
     """One row (filter / neuron) of a ``group`` bucket per program: ‖V_r‖ over the row, then
@@ -54,21 +78,21 @@ def group_rows(g_ptr, b_ptr, w_ptr, v_ptr, lam_ptr, lam, k, momentum, dampen, v_
     for start in range(0, k, BLOCK):
         keep = start + cols < k
         offs = base + start + cols
-        g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=keep, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+        g = _gradient(g_ptr, m_ptr, w, offs, keep, decay, SIGNED, MASKED, DECAYED)
         d = _direction(g, b_ptr, offs, keep, momentum, dampen, MOMENTUM, DAMPENED, NESTEROV)
         gap = w - kappa * (v * shrink)
         tl.store(v_ptr + offs, (v + v_rate * gap).to(v_ptr.dtype.element_ty), mask=keep)
         if OUTSIDE:  # the pull on the units outside supp(Γ) only
             gap = tl.where(shrink == 0.0, gap, 0.0)
-        w = w - pull_rate * gap - step * d
-        tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=keep)
+        _store_weights(w_ptr, m_ptr, w - pull_rate * gap - step * d, offs, keep, MASKED)
 
 
 @triton.jit
-def entries(g_ptr, b_ptr, w_ptr, v_ptr, lam_ptr, lam, k, n, momentum, dampen, v_rate,
-            pull_rate, step, kappa,
+def entries(g_ptr, b_ptr, w_ptr, v_ptr, m_ptr, lam_ptr, lam, k, n, momentum, dampen, decay,
+            v_rate, pull_rate, step, kappa,
+            SIGNED: tl.constexpr, MASKED: tl.constexpr, DECAYED: tl.constexpr,
             MOMENTUM: tl.constexpr, DAMPENED: tl.constexpr, NESTEROV: tl.constexpr,
             LASSO: tl.constexpr, LAM_COLUMN: tl.constexpr, OUTSIDE: tl.constexpr,
             BLOCK: tl.constexpr):
@@ -77,8 +101,8 @@ def entries(g_ptr, b_ptr, w_ptr, v_ptr, lam_ptr, lam, k, n, momentum, dampen, v_
     step only)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < n
-    g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    g = _gradient(g_ptr, m_ptr, w, offs, keep, decay, SIGNED, MASKED, DECAYED)
     d = _direction(g, b_ptr, offs, keep, momentum, dampen, MOMENTUM, DAMPENED, NESTEROV)
     if LASSO:
         v = tl.load(v_ptr + offs, mask=keep, other=0.0).to(tl.float32)
@@ -89,5 +113,4 @@ def entries(g_ptr, b_ptr, w_ptr, v_ptr, lam_ptr, lam, k, n, momentum, dampen, v_
         if OUTSIDE:
             gap = tl.where(tl.abs(v) <= lam, gap, 0.0)
         w = w - pull_rate * gap
-    w = w - step * d
-    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=keep)
+    _store_weights(w_ptr, m_ptr, w - step * d, offs, keep, MASKED)

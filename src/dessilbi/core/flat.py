@@ -40,7 +40,7 @@ and so does one alone in its bucket above :data:`SOLO_NUMEL` (:func:`worth_bucke
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import repeat
 from operator import is_
 from typing import Any
@@ -53,8 +53,8 @@ from .kernels import plain
 from .transfer import Transfer
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
-           "batched_on", "flat_step", "gap_of", "gather", "group_shrink", "update_buckets",
-           "update_one", "worth_bucketing", "write_back"]
+           "batched_on", "flat_step", "gap_of", "gather", "group_shrink", "update_one",
+           "worth_bucketing", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
@@ -247,29 +247,18 @@ def flat_step(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str,
     """
     transfer = buckets[0].transfer() if len(buckets) == 1 else Transfer(buckets)
     transfer.copy_in()
-    update_buckets(buckets, states, masks, lams, update_one, lr=lr, kappa=kappa, nu=nu,
-                   group_norm=group_norm, momentum=momentum, dampening=dampening,
-                   nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, pull=pull)
+    held = gather(buckets, masks, momentum=momentum, dampening=dampening,
+                  weight_decay=weight_decay, maximize=maximize)
+    for bucket, lam in zip(buckets, lams):
+        update_one(bucket, lam, lr=lr, kappa=kappa, nu=nu, group_norm=group_norm,
+                   momentum=momentum, dampening=dampening, nesterov=nesterov, pull=pull)
+    write_back(buckets, states, held, momentum)
     transfer.copy_out()
 
 
-def update_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str, Any]]],
-                   masks: Sequence[Sequence[Tensor | None]], lams: Sequence[Tensor | float],
-                   update: Callable[..., None], *, weight_decay: float, maximize: bool,
-                   **hp: Any) -> None:
-    """The step of ``buckets`` (one group's, gradients copied in): :func:`gather`, then
-    ``update`` bucket by bucket (:func:`update_one`, or a fused kernel's launcher with its
-    arguments), then :func:`write_back`."""
-    held = gather(buckets, masks, momentum=hp["momentum"], dampening=hp["dampening"],
-                  weight_decay=weight_decay, maximize=maximize)
-    for bucket, lam in zip(buckets, lams):
-        update(bucket, lam, **hp)
-    write_back(buckets, states, held, hp["momentum"])
-
-
 def update_one(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float, nu: float,
-                group_norm: str, momentum: float, dampening: float, nesterov: bool,
-                pull: str) -> None:
+               group_norm: str, momentum: float, dampening: float, nesterov: bool,
+               pull: str) -> None:
     """The update of one bucket whose gradient is gathered, a few operations on its buffers."""
     g, w = bucket.grads, bucket.weights
     d = g

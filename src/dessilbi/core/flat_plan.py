@@ -23,12 +23,12 @@ from .flat import (
     bucket_key,
     eligible,
     flat_step,
-    update_buckets,
     worth_bucketing,
 )
 from .together import Part, step_together
 from .transfer import Transfer, grads_of
-from .triton_update import fused_on, update_bucket
+from .triton_update import fused_on
+from .triton_update import step_buckets as fused_step
 
 HYPER = ("lr", "kappa", "nu", "group_norm", "momentum", "dampening", "nesterov", "weight_decay",
          "maximize", "pull")  # what a group's step reads
@@ -100,8 +100,7 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
         for index in [i for i in parts if kernel and param_groups[i]["fused"]]:
             # one fused kernel per bucket (:mod:`.triton_update`)
             part = parts.pop(index)
-            update_buckets(part.buckets, part.states, part.masks, part.lams, update_bucket,
-                           **part.hp)
+            fused_step(part.buckets, part.states, part.masks, part.lams, **part.hp)
         if parts:
             step_together(list(parts.values()))
         transfer.copy_out()

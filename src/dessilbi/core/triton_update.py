@@ -12,13 +12,16 @@ Per row r (a filter / neuron) of a ``group`` bucket, one program computes
 (P_r = 1, or 1[s_r = 0] with ``pull="outside"``; ‖V_r‖ / √K with ``group_norm="rms"``; B_r
 becomes G_r + m B_r in the step with Nesterov, G_r without momentum). A ``lasso`` bucket takes
 blocks of entries with Γ = κ (V − clamp(V, −λ, λ)); an unpenalised one the momentum step only.
-The gather before (sign, fixed masks, weight decay, first-step momentum rows) and the write-back
-after stay :func:`.flat.gather` / :func:`.flat.write_back`.
+G is gathered in the kernel as :func:`.flat.gather` does it (−G to maximise, times the fixed
+mask, plus the weight decay's δ W), and W kept at zero outside the mask: in the
+select-then-train phase of :class:`~dessilbi.SparsityTarget` every bucket has a mask, which the
+eager step applies in two operations of three passes each.
 
 Why: the eager step of a bucket is a sequence of operations, each a pass over the bucket's
 memory: VGG16-BN's step on an H200 made about 20 passes over the parameter bytes against
 SGD-foreach's 8, and took 0.365 ms of GPU time a step against SGD's 0.128 (docs/cuda.md, run 6).
-This kernel makes 7 (4 reads, 3 writes; the row norm's second read of V hits the cache). The
+This kernel makes 7 (4 reads, 3 writes; the row norm's second read of V hits the cache), 8
+with a mask. The
 numbers differ from the eager step's in rounding only (float32 arithmetic in registers,
 another summation order for the norms): the tests check them against it on CPU tensors, with
 Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported). Hyper-parameters
@@ -29,15 +32,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .flat import FlatBucket
+from .flat import FlatBucket, gather, write_back
 
-__all__ = ["available", "fused_on", "row_block", "update_bucket"]
+__all__ = ["available", "fused_on", "row_block", "step_buckets", "update_bucket"]
 
 ENTRY_BLOCK = 1024  # entries per program of the element-wise kernel
 MAX_ROW_BLOCK = 4096  # a longer row is swept in blocks of this many entries (twice)
@@ -60,23 +63,44 @@ def row_block(k: int) -> int:
     return min(max(16, 1 << (k - 1).bit_length()), MAX_ROW_BLOCK)
 
 
+def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str, Any]]],
+                 masks: Sequence[Sequence[Tensor | None]], lams: Sequence[Tensor | float], *,
+                 weight_decay: float, maximize: bool, **hp: Any) -> None:
+    """The step of one group's ``buckets`` (gradients copied in), one kernel per bucket with
+    the gather and the masking of W inside it. A bucket in which some tensor takes its first
+    step gathers first (:func:`.flat.gather`: its new momentum rows are set from the
+    gathered gradient); the kernel then only masks."""
+    for bucket, tensor_masks, lam in zip(buckets, masks, lams):
+        mask = bucket.mask_of(tensor_masks)
+        if hp["momentum"] != 0.0 and any(bucket.starting):
+            gather([bucket], [tensor_masks], momentum=hp["momentum"], dampening=hp["dampening"],
+                   weight_decay=weight_decay, maximize=maximize)
+            update_bucket(bucket, lam, mask=mask, **hp)
+        else:
+            update_bucket(bucket, lam, mask=mask, weight_decay=weight_decay, maximize=maximize,
+                          **hp)
+    write_back(buckets, states, [None] * len(buckets), hp["momentum"])
+
+
 def update_bucket(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float,
                   nu: float, group_norm: str, momentum: float, dampening: float,
-                  nesterov: bool, pull: str) -> None:
-    """The update of one bucket whose gradient is gathered, as one kernel launch (the formula:
-    the module docstring); the same arguments as the eager update of :mod:`.flat`."""
-    g, w = bucket.grads, bucket.weights
+                  nesterov: bool, pull: str, mask: Tensor | None = None,
+                  weight_decay: float = 0.0, maximize: bool = False) -> None:
+    """The update of one bucket as one kernel launch (the formula: the module docstring):
+    the gradient gathered in the kernel (sign, ``mask``, weight decay) and W masked after."""
     from . import _triton_kernels as ks  # Triton is imported only where it is used
 
+    g, w = bucket.grads, bucket.weights
     coupled = bucket.penalty != "none" and nu != math.inf
     column = isinstance(lam, Tensor)
     rows, k = w.shape
-    args = (g, bucket.buf if momentum != 0.0 else g, w,
-            bucket.v if coupled else g, lam if column else g, 0.0 if column else float(lam))
-    rates = dict(momentum=momentum, dampen=1.0 - dampening,
+    args = (g, bucket.buf if momentum != 0.0 else g, w, bucket.v if coupled else g,
+            g if mask is None else mask, lam if column else g, 0.0 if column else float(lam))
+    rates = dict(momentum=momentum, dampen=1.0 - dampening, decay=weight_decay,
                  v_rate=lr / nu if coupled else 0.0,
                  pull_rate=lr * kappa / nu if coupled else 0.0, step=lr * kappa, kappa=kappa)
-    flags = dict(MOMENTUM=momentum != 0.0, DAMPENED=dampening != 0.0, NESTEROV=nesterov,
+    flags = dict(SIGNED=maximize, MASKED=mask is not None, DECAYED=weight_decay != 0.0,
+                 MOMENTUM=momentum != 0.0, DAMPENED=dampening != 0.0, NESTEROV=nesterov,
                  LAM_COLUMN=column, OUTSIDE=pull == "outside")
     if coupled and bucket.penalty == "group":
         scale = 1.0 / math.sqrt(k) if group_norm == "rms" else 1.0
