@@ -3,8 +3,10 @@
 Parameter shapes of CIFAR ResNet-56 and VGG16-BN, gradients fixed, V prepared so that about half
 of the filters (and half of the linear weights) are in the support of Γ. All optimizers are timed
 in one process with interleaved repetitions in a rotating order, so the ratios are comparable
-even on a noisy machine (the first DessiLBI built, the default, measures 3-5 % slower on the CPU
-whatever its flags: docs/cuda.md). Prints a Markdown table; ``--out FILE`` also writes it.
+even on a noisy machine. The first DessiLBI built measures 3-5 % slower on the CPU and up to
+10 % on an H200 whatever its flags (docs/cuda.md), so ``--build-shift N`` rotates the order in
+which the variants are built; runs with N = 0..4 give each variant every place. Prints a
+Markdown table; ``--out FILE`` also writes it.
 "first step" is the time of each optimizer's first ``step()``, compilation included; the first
 DessiLBI that compiles pays the cold cost, so for a cold figure run in a fresh process with an
 empty compile cache:
@@ -30,7 +32,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(name: str, device: str,
+IMPLS = ("dessilbi-default", "dessilbi-eager", "dessilbi-single", "dessilbi-foreach",
+         "dessilbi-fused")
+
+
+def build_order(shift: int) -> list[str]:
+    """SGD first, then the DessiLBI variants rotated by ``shift``: the first DessiLBI built
+    measures slower whatever its flags (docs/cuda.md), so runs with shifts 0 to 4 give every
+    variant each place once."""
+    k = shift % len(IMPLS)
+    return ["sgd-foreach", *IMPLS[k:], *IMPLS[:k]]
+
+
+def prepare(name: str, device: str, shift: int = 0,
             ) -> tuple[torch.nn.Module, dict[str, torch.optim.Optimizer], dict[str, float]]:
     torch.manual_seed(0)
     base = create_model(name, 10, 3, 32).to(device)
@@ -39,8 +53,7 @@ def prepare(name: str, device: str,
     opts: dict[str, torch.optim.Optimizer] = {}
     first: dict[str, float] = {}  # seconds of the first step (compilation included)
     models = {}
-    for impl in ("sgd-foreach", "dessilbi-default", "dessilbi-eager", "dessilbi-single",
-                 "dessilbi-foreach", "dessilbi-fused"):
+    for impl in build_order(shift):
         model = create_model(name, 10, 3, 32).to(device)
         model.load_state_dict(base.state_dict())
         for p, q in zip(model.parameters(), base.parameters()):
@@ -96,12 +109,12 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def run(names: list[str], reps: int, device: str) -> str:
+def run(names: list[str], reps: int, device: str, shift: int = 0) -> str:
     rows = ["| model | params | optimizer | median step (ms) | ratio vs SGD-foreach | "
             "state / param bytes | scratch / param bytes | Γ filter density | first step (s) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        base, opts, first = prepare(name, device)
+        base, opts, first = prepare(name, device, shift)
         n_params = sum(p.numel() for p in base.parameters())
         param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
         times: dict[str, list[float]] = {k: [] for k in opts}
@@ -141,10 +154,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--build-shift", type=int, default=0,
+                    help="rotate the order in which the DessiLBI variants are built")
     args = ap.parse_args()
-    table = run(args.models, args.reps, args.device)
+    table = run(args.models, args.reps, args.device, args.build_shift)
     header = (f"torch {torch.__version__}, device {args.device}, "
-              f"{torch.get_num_threads()} threads, {args.reps} interleaved repetitions\n\n")
+              f"{torch.get_num_threads()} threads, {args.reps} interleaved repetitions, "
+              f"built in the order {', '.join(build_order(args.build_shift))}\n\n")
     print(header + table)
     if args.out:
         with open(args.out, "w") as f:
