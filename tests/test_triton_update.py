@@ -165,3 +165,49 @@ def test_groups_that_are_not_fused_keep_the_eager_step(monkeypatch: pytest.Monke
     train(model, opt, 2, events=False)
     fused = {id(p) for p in groups[0]["params"]}
     assert launched and all(id(p) in fused for b in launched for p in b.params)
+
+
+@interpreted
+def test_a_kernel_that_cannot_compile_leaves_the_step_to_the_eager_path(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # the second bucket's kernel fails to compile: nothing may have been written by then, the
+    # step is the eager one, and the kernels are not tried again
+    from triton.runtime.interpreter import InterpretedFunction
+
+    compiled = []
+
+    def warmup(self, *args, grid, **kwargs):
+        compiled.append(self)
+        if len(compiled) == 2:
+            raise RuntimeError("no binary for this device")
+
+    monkeypatch.setattr(InterpretedFunction, "warmup", warmup)
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
+    monkeypatch.setattr(flat_plan, "fused_on", lambda device: True)
+    ref, new = make_model(), make_model()
+    ref_opt, new_opt = make_opt(ref, {}), make_opt(new, {}, fused=True)
+    with caplog.at_level("WARNING", logger="dessilbi.core.flat_plan"):
+        train(ref, ref_opt, 3)
+        train(new, new_opt, 3)
+    assert len(compiled) == 2  # tried once, then left alone
+    assert sum("could not be compiled" in r.message for r in caplog.records) == 1
+    for p, q in zip(ref.parameters(), new.parameters()):
+        assert torch.equal(p, q)  # bit for bit: the eager step all along
+
+
+@interpreted
+def test_each_kernel_variant_is_compiled_once_per_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    compiled: list[tuple] = []
+    monkeypatch.setattr(InterpretedFunction, "warmup",
+                        lambda self, *args, grid, **kw: compiled.append(kw["MASKED"]))
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
+    monkeypatch.setattr(flat_plan, "fused_on", lambda device: True)
+    model = make_model()
+    opt = make_opt(model, {}, fused=True)
+    train(model, opt, 2, events=False)
+    buckets = [b for b in opt.__dict__["_flat"].values() if isinstance(b, flat.FlatBucket)]
+    assert compiled == [False] * len(buckets)
+    train(model, opt, 4)  # a mask is set on the third step: its bucket needs a new variant
+    assert compiled.count(True) >= 1 and compiled.count(False) == len(buckets)

@@ -138,6 +138,7 @@ class FlatBucket:
         self.mask: Tensor | None = None
         self._lambda_key: tuple[float, ...] | None = None
         self.lambdas: Tensor | float = 0.0
+        self.kernels: set[tuple[Any, ...]] = set()  # fused kernel variants compiled for it
 
     def _adopt(self, states: Sequence[dict[str, Any]], key: str) -> Tensor:
         """A zero buffer holding the state's existing tensors under ``key``, row by row."""

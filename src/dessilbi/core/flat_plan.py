@@ -8,6 +8,7 @@ exactly its tensors' state.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import repeat
@@ -27,13 +28,15 @@ from .flat import (
 )
 from .together import Part, step_together
 from .transfer import Transfer, grads_of
-from .triton_update import fused_on
+from .triton_update import KernelUnavailable, fused_on
 from .triton_update import step_buckets as fused_step
 
 HYPER = ("lr", "kappa", "nu", "group_norm", "momentum", "dampening", "nesterov", "weight_decay",
          "maximize", "pull")  # what a group's step reads
 
 __all__ = ["plan_buckets", "step_buckets"]
+
+log = logging.getLogger(__name__)
 
 Work = list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]]
 
@@ -96,14 +99,28 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
         parts = {index: _part(param_groups[index], [(b, sts) for i, b, sts in entries
                                                     if i == index])
                  for index in dict.fromkeys(i for i, _, _ in entries)}
-        kernel = fused_on(device)
-        for index in [i for i in parts if kernel and param_groups[i]["fused"]]:
-            # one fused kernel per bucket (:mod:`.triton_update`)
-            part = parts.pop(index)
-            fused_step(part.buckets, part.states, part.masks, part.lams, **part.hp)
+        for index in [i for i in parts if param_groups[i]["fused"]] if fused_on(device) else []:
+            _fused_step(cache, parts, index)
         if parts:
             step_together(list(parts.values()))
         transfer.copy_out()
+
+
+def _fused_step(cache: dict[Any, Any], parts: dict[int, Part], index: int) -> None:
+    """Group ``index``'s buckets by one fused kernel each (:mod:`.triton_update`), taken out of
+    ``parts``; where the kernels cannot be compiled, they stay in ``parts`` for the eager
+    step, from now on (one warning)."""
+    if cache.get("no kernels"):
+        return
+    part = parts[index]
+    try:
+        fused_step(part.buckets, part.states, part.masks, part.lams, **part.hp)
+    except KernelUnavailable as e:
+        cache["no kernels"] = True
+        log.warning("fused=True: the Triton kernels could not be compiled here (%s); the "
+                    "buckets take the eager step", e)
+        return
+    del parts[index]
 
 
 def _transfer(cache: dict[Any, Any], kind: tuple[Any, ...], buckets: list[FlatBucket],

@@ -33,14 +33,15 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .flat import FlatBucket, gather, write_back
 
-__all__ = ["available", "fused_on", "row_block", "step_buckets", "update_bucket"]
+__all__ = ["KernelUnavailable", "Launch", "available", "fused_on", "launch_of", "row_block",
+           "step_buckets", "update_bucket"]
 
 ENTRY_BLOCK = 1024  # entries per program of the element-wise kernel
 MAX_ROW_BLOCK = 4096  # a longer row is swept in blocks of this many entries (twice)
@@ -63,31 +64,76 @@ def row_block(k: int) -> int:
     return min(max(16, 1 << (k - 1).bit_length()), MAX_ROW_BLOCK)
 
 
+class KernelUnavailable(RuntimeError):
+    """The kernels could not be compiled for this device (:func:`step_buckets` raises it
+    before it has changed anything, so the caller can take the eager step instead)."""
+
+
+class Launch(NamedTuple):
+    """One kernel call: the kernel, its grid, and its arguments."""
+
+    kernel: Any
+    grid: tuple[int]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def variant(self) -> tuple[Any, ...]:
+        """What Triton compiles a binary for, for one bucket: the kernel, the dtypes of its
+        tensors and its compile-time constants (the upper-case arguments)."""
+        return (self.kernel, *(a.dtype for a in self.args if isinstance(a, Tensor)),
+                *sorted((k, v) for k, v in self.kwargs.items() if k.isupper()))
+
+
 def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str, Any]]],
                  masks: Sequence[Sequence[Tensor | None]], lams: Sequence[Tensor | float], *,
                  weight_decay: float, maximize: bool, **hp: Any) -> None:
     """The step of one group's ``buckets`` (gradients copied in), one kernel per bucket with
     the gather and the masking of W inside it. A bucket in which some tensor takes its first
     step gathers first (:func:`.flat.gather`: its new momentum rows are set from the
-    gathered gradient); the kernel then only masks."""
+    gathered gradient); the kernel then only masks. Every kernel is compiled before anything
+    is written: where one cannot be, :class:`KernelUnavailable` leaves the step to the
+    caller."""
+    calls = []
     for bucket, tensor_masks, lam in zip(buckets, masks, lams):
-        mask = bucket.mask_of(tensor_masks)
-        if hp["momentum"] != 0.0 and any(bucket.starting):
+        starting = hp["momentum"] != 0.0 and any(bucket.starting)
+        gathers = {} if starting else dict(weight_decay=weight_decay, maximize=maximize)
+        calls.append((bucket, tensor_masks, starting,
+                      launch_of(bucket, lam, mask=bucket.mask_of(tensor_masks), **gathers, **hp)))
+    for bucket, _, _, launch in calls:
+        _compile(bucket, launch)
+    for bucket, tensor_masks, starting, launch in calls:
+        if starting:
             gather([bucket], [tensor_masks], momentum=hp["momentum"], dampening=hp["dampening"],
                    weight_decay=weight_decay, maximize=maximize)
-            update_bucket(bucket, lam, mask=mask, **hp)
-        else:
-            update_bucket(bucket, lam, mask=mask, weight_decay=weight_decay, maximize=maximize,
-                          **hp)
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)
     write_back(buckets, states, [None] * len(buckets), hp["momentum"])
 
 
-def update_bucket(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float,
-                  nu: float, group_norm: str, momentum: float, dampening: float,
-                  nesterov: bool, pull: str, mask: Tensor | None = None,
-                  weight_decay: float = 0.0, maximize: bool = False) -> None:
-    """The update of one bucket as one kernel launch (the formula: the module docstring):
-    the gradient gathered in the kernel (sign, ``mask``, weight decay) and W masked after."""
+def _compile(bucket: FlatBucket, launch: Launch) -> None:
+    """Compile ``launch``'s kernel variant once per bucket (Triton caches the binary; this
+    only spares the check at every step)."""
+    variant = launch.variant()
+    if variant in bucket.kernels:
+        return
+    try:
+        launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    except Exception as e:  # noqa: BLE001 (a compiler's failure, of whatever kind)
+        raise KernelUnavailable(f"{type(e).__name__}: {e}") from e
+    bucket.kernels.add(variant)
+
+
+def update_bucket(bucket: FlatBucket, lam: Tensor | float, **hp: Any) -> None:
+    """The update of one bucket as one kernel launch (arguments: :func:`launch_of`)."""
+    launch = launch_of(bucket, lam, **hp)
+    launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+
+
+def launch_of(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float,
+              nu: float, group_norm: str, momentum: float, dampening: float, nesterov: bool,
+              pull: str, mask: Tensor | None = None, weight_decay: float = 0.0,
+              maximize: bool = False) -> Launch:
+    """The kernel call that updates one bucket (the formula: the module docstring): the
+    gradient gathered in the kernel (sign, ``mask``, weight decay) and W masked after."""
     from . import _triton_kernels as ks  # Triton is imported only where it is used
 
     g, w = bucket.grads, bucket.weights
@@ -96,21 +142,19 @@ def update_bucket(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: 
     rows, k = w.shape
     args = (g, bucket.buf if momentum != 0.0 else g, w, bucket.v if coupled else g,
             g if mask is None else mask, lam if column else g, 0.0 if column else float(lam))
-    rates = dict(momentum=momentum, dampen=1.0 - dampening, decay=weight_decay,
-                 v_rate=lr / nu if coupled else 0.0,
-                 pull_rate=lr * kappa / nu if coupled else 0.0, step=lr * kappa, kappa=kappa)
-    flags = dict(SIGNED=maximize, MASKED=mask is not None, DECAYED=weight_decay != 0.0,
-                 MOMENTUM=momentum != 0.0, DAMPENED=dampening != 0.0, NESTEROV=nesterov,
-                 LAM_COLUMN=column, OUTSIDE=pull == "outside")
+    kwargs: dict[str, Any] = dict(
+        momentum=momentum, dampen=1.0 - dampening, decay=weight_decay,
+        v_rate=lr / nu if coupled else 0.0, pull_rate=lr * kappa / nu if coupled else 0.0,
+        step=lr * kappa, kappa=kappa, SIGNED=maximize, MASKED=mask is not None,
+        DECAYED=weight_decay != 0.0, MOMENTUM=momentum != 0.0, DAMPENED=dampening != 0.0,
+        NESTEROV=nesterov, LAM_COLUMN=column, OUTSIDE=pull == "outside")
     if coupled and bucket.penalty == "group":
-        scale = 1.0 / math.sqrt(k) if group_norm == "rms" else 1.0
-        ks.group_rows[(rows,)](*args, k, norm_scale=scale,
-                               tiny=torch.finfo(torch.float32).tiny, BLOCK=row_block(k),
-                               **rates, **flags)
-        return
+        kwargs.update(norm_scale=1.0 / math.sqrt(k) if group_norm == "rms" else 1.0,
+                      tiny=torch.finfo(torch.float32).tiny, BLOCK=row_block(k))
+        return Launch(ks.group_rows, (rows,), (*args, k), kwargs)
     n = w.numel()
-    ks.entries[(triton_cdiv(n, ENTRY_BLOCK),)](*args, k, n, LASSO=coupled,
-                                               BLOCK=ENTRY_BLOCK, **rates, **flags)
+    kwargs.update(LASSO=coupled, BLOCK=ENTRY_BLOCK)
+    return Launch(ks.entries, (triton_cdiv(n, ENTRY_BLOCK),), (*args, k, n), kwargs)
 
 
 def triton_cdiv(n: int, block: int) -> int:
