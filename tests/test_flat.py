@@ -11,7 +11,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.core import flat
+from dessilbi.core import cpu_kernel, flat
+
+
+@pytest.fixture(autouse=True)
+def eager_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager bucket step (bit-identical to the per-tensor loop), as where no C compiler is:
+    the compiled CPU kernel has tests of its own (tests/test_cpu_kernel.py)."""
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+
 
 VARIANTS = [{}, {"nesterov": True}, {"momentum": 0.0}, {"dampening": 0.3},
             {"weight_decay": 1e-3}, {"maximize": True}, {"group_norm": "rms"},

@@ -453,11 +453,13 @@ def test_fused_compiled_path_matches_foreach(nesterov):
 
 
 def test_fused_none_compiles_the_large_tensors_of_a_large_model_only(monkeypatch, caplog):
-    from dessilbi.core import flat
+    from dessilbi.core import cpu_kernel, flat
     from dessilbi.core import optim as optim_module
 
     data = [(x.float(), y) for x, y in batches(4)]
     monkeypatch.setattr(flat, "MAX_NUMEL", 100)  # the larger tensors skip the buckets
+    # where the compiled CPU kernel is, large tensors take it in buckets: here it is not
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
 
     def run(**kw) -> tuple[DessiLBI, torch.nn.Module]:
         torch.manual_seed(0)
@@ -486,9 +488,10 @@ def test_a_compiled_step_under_a_dispatch_mode_runs_eager_for_that_step(monkeypa
     compile as before (it raised a RuntimeError)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dessilbi.core import flat
+    from dessilbi.core import cpu_kernel, flat
 
     monkeypatch.setattr(flat, "MAX_NUMEL", 100)  # the larger tensors take the compiled kernel
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)  # not the C one
 
     models = [small_model().float() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())

@@ -9,13 +9,13 @@ parent process they are skipped.
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from bucket_cases import GATHERS, LAYOUTS, SETTINGS, THRESHOLDS, check_against_eager
 from hypothesis import given
 from hypothesis import strategies as st
 from test_flat import VARIANTS, make_model, make_opt, train
@@ -49,83 +49,23 @@ def test_the_kernels_are_used_on_cuda_only() -> None:
     assert triton_update.fused_on(torch.device("cuda")) == triton_update.available()
 
 
-def bucket_pair(penalty: str, k: int) -> tuple[flat.FlatBucket, flat.FlatBucket]:
-    """Two identical buckets of two tensors (the second with a larger V), gradients in."""
-    gen = torch.Generator().manual_seed(k)
-    params = [torch.nn.Parameter(torch.randn(4, k, generator=gen)),
-              torch.nn.Parameter(torch.randn(3, k, generator=gen))]
-    states = [{"momentum_buffer": torch.randn(p.shape, generator=gen),
-               "V": scale * torch.randn(p.shape, generator=gen)}
-              for p, scale in zip(params, (0.5, 3.0))]
-    if penalty == "none":
-        for state in states:
-            del state["V"]
-    eager = flat.FlatBucket(params, states, penalty, k)
-    eager.grads.copy_(torch.randn(eager.grads.shape, generator=gen))
-    return eager, copy.deepcopy(eager)
-
-
-THRESHOLDS = {"one": 1.0, "per row": torch.tensor([[0.5]] * 4 + [[30.0]] * 3)}
-SETTINGS = [{}, {"nesterov": True}, {"momentum": 0.0}, {"dampening": 0.3},
-            {"group_norm": "rms"}, {"nu": float("inf")}, {"pull": "outside"},
-            {"pull": "outside", "kappa": 1.5}]
-
-
 @interpreted
-@pytest.mark.parametrize("layout", [("group", 27), ("group", 5000), ("lasso", 9), ("none", 1)],
-                         ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 @pytest.mark.parametrize("threshold", list(THRESHOLDS), ids=str)
 @pytest.mark.parametrize("setting", SETTINGS, ids=str)
 def test_one_kernel_is_the_eager_bucket_update(layout: tuple[str, int], threshold: str,
                                               setting: dict) -> None:
-    # K = 5000 sweeps its rows in two blocks; the per-row thresholds of 30 leave the second
-    # tensor's rows outside supp(Γ), so the outside pull has rows of each kind
-    eager, fused = bucket_pair(*layout)
-    hp = dict(lr=0.1, kappa=1.0, nu=3.0, group_norm="l2", momentum=0.9, dampening=0.0,
-              nesterov=False, pull="all") | setting
-    lam = THRESHOLDS[threshold]
-    flat.update_one(eager, lam, **hp)
-    triton_update.update_bucket(fused, lam, **hp)
-    for name in ("weights", "buf", "v"):
-        want, got = getattr(eager, name), getattr(fused, name)
-        if want is not None and (name != "buf" or hp["momentum"] != 0.0):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
-
-
-GATHERS = [{"weight_decay": 0.01}, {"maximize": True}, {"mask": True},
-           {"mask": True, "weight_decay": 0.01, "maximize": True, "pull": "outside"},
-           {"mask": True, "dampening": 0.3, "starting": True}]
+    check_against_eager(triton_update.step_buckets, layout, THRESHOLDS[threshold], setting)
 
 
 @interpreted
-@pytest.mark.parametrize("layout", [("group", 27), ("lasso", 9), ("none", 1)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS[::2], ids=str)
 @pytest.mark.parametrize("setting", GATHERS, ids=str)
 def test_the_gather_in_the_kernel_is_the_eager_gather(layout: tuple[str, int],
                                                      setting: dict) -> None:
     # sign, mask and weight decay applied in the kernel, W masked after; a tensor taking its
     # first step (``starting``) makes the bucket gather first, as the eager step does
-    eager, fused = bucket_pair(*layout)
-    hp = dict(lr=0.1, kappa=1.0, nu=3.0, group_norm="l2", momentum=0.9, dampening=0.0,
-              nesterov=False, pull="all") | setting
-    mask, starting = hp.pop("mask", False), hp.pop("starting", False)
-    decay, maximize = hp.pop("weight_decay", 0.0), hp.pop("maximize", False)
-    gen = torch.Generator().manual_seed(5)
-    masks = [[torch.rand(p.shape, generator=gen) > 0.4 if mask else None for p in eager.params]]
-    for bucket in (eager, fused):
-        bucket.starting = [starting, False]
-    held = flat.gather([eager], masks, momentum=0.9, dampening=hp["dampening"],
-                       weight_decay=decay, maximize=maximize)
-    flat.update_one(eager, 1.0, **hp)
-    flat.write_back([eager], [[{}, {}]], held, 0.9)
-    triton_update.step_buckets([fused], [[{}, {}]], masks, [1.0], weight_decay=decay,
-                               maximize=maximize, **hp)
-    for name in ("weights", "buf", "v"):
-        want, got = getattr(eager, name), getattr(fused, name)
-        if want is not None:
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
-    if mask:
-        assert torch.equal(fused.weights == 0, held[0] == 0)
-    assert fused.starting == [False, False]
+    check_against_eager(triton_update.step_buckets, layout, 1.0, setting)
 
 
 @interpreted

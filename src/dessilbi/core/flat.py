@@ -29,6 +29,9 @@ its first gradient, ``load_state_dict`` replacing the state, a mask set or lifte
 On CUDA the buckets of all groups also update together, one multi-tensor operation per stage
 for all of them (:func:`batched_on`, :mod:`.together`), so that a step launches a number of
 operations that grows with the number of buckets only through their filter norms and W − Γ.
+This is the eager bucket step; the compiled ones replace its update with one pass per bucket
+(the CPU's default where a C compiler is: :mod:`.cpu_kernel`; CUDA with ``fused=True``:
+:mod:`.triton_update`).
 
 Only tensors this module knows how to lay out take part (:func:`eligible`); the others, and
 every tensor of a group that asks for ``foreach`` or ``fused``, take the per-tensor or
@@ -65,18 +68,21 @@ FLAT_PENALTIES = ("group", "lasso", "none")  # the layouts this module knows
 SOLO_NUMEL = 1 << 14  # entries: a bucket of one larger tensor is left to the per-tensor loop
 
 
-def eligible(p: Tensor, penalty: str) -> bool:
+def eligible(p: Tensor, penalty: str, native: bool = False) -> bool:
     """Whether ``p`` can live in a flat bucket: a plain tensor (not a subclass such as FSDP's
     ``DTensor``, whose gradient a buffer cannot gather), dense, contiguous, real, on the CPU or
     a CUDA device, and not too large for that device (:data:`MAX_NUMEL`,
-    :data:`MAX_NUMEL_CUDA`)."""
+    :data:`MAX_NUMEL_CUDA`), unless it is a float32 CPU tensor whose group takes the compiled
+    CPU kernel (``native``: it reads the gradients in place, so a bucket costs no copies)."""
     limit = {"cpu": MAX_NUMEL, "cuda": MAX_NUMEL_CUDA}.get(p.device.type, 0)
+    if native and p.device.type == "cpu" and p.dtype == torch.float32:
+        limit = p.numel()
     return (plain(p) and penalty in FLAT_PENALTIES
             and p.layout == torch.strided and p.is_contiguous() and p.is_floating_point()
             and 0 < p.numel() <= limit)
 
 
-def worth_bucketing(params: Sequence[Tensor]) -> bool:
+def worth_bucketing(params: Sequence[Tensor], native: bool = False) -> bool:
     """Whether the tensors of one bucket are better stepped together than one by one.
 
     A bucket saves launches only when it holds several tensors; one tensor alone gains nothing
@@ -86,9 +92,11 @@ def worth_bucketing(params: Sequence[Tensor]) -> bool:
     buckets update together (:func:`batched_on`: CUDA) a bucket costs one operation more (its
     row norms), fewer than any tensor's step of its own, so every tensor is worth one there
     (operations a Conv-4 step dispatches: 171 with its lone large tensors outside the buckets,
-    40 inside).
+    40 inside). A group that takes the compiled CPU kernel (``native``) reads its gradients in
+    place, so a bucket of one tensor costs nothing there either.
     """
-    return len(params) > 1 or params[0].numel() <= SOLO_NUMEL or batched_on(params[0].device)
+    return (len(params) > 1 or params[0].numel() <= SOLO_NUMEL or batched_on(params[0].device)
+            or native and params[0].dtype == torch.float32)
 
 
 def bucket_key(p: Tensor, penalty: str) -> tuple[str, int, torch.dtype, torch.device]:
@@ -138,7 +146,8 @@ class FlatBucket:
         self.mask: Tensor | None = None
         self._lambda_key: tuple[float, ...] | None = None
         self.lambdas: Tensor | float = 0.0
-        self.kernels: set[tuple[Any, ...]] = set()  # fused kernel variants compiled for it
+        # what a compiled kernel keeps for this bucket (.triton_update, .cpu_kernel)
+        self.extras: dict[str, Any] = {}
 
     def _adopt(self, states: Sequence[dict[str, Any]], key: str) -> Tensor:
         """A zero buffer holding the state's existing tensors under ``key``, row by row."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import cpu_kernel
 from .checks import check_grad
 from .flat import (
     FlatBucket,
@@ -53,22 +54,26 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
         else [p for p, g in zip(params, grads) if g is not None]
     held = cache.get(("plan", index))
     if held is not None and held[0] == group["penalty"] and len(held[1]) == len(with_grad) \
+            and cache.get(("native", index)) == (group["fused"] is not False) \
             and all(map(is_, held[1], with_grad)):
         return held[2], held[3]
     buckets: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
     others = []
+    native = group["fused"] is not False and bool(with_grad) \
+        and with_grad[0].device.type == "cpu" and cpu_kernel.available()
     for p in with_grad:
         check_grad(p.grad)  # type: ignore[arg-type]
         pen = resolve_penalty(group["penalty"], p)
-        if eligible(p, pen) and p.grad.is_contiguous() \
+        if eligible(p, pen, native) and p.grad.is_contiguous() \
                 and p.grad.dtype == p.dtype:  # type: ignore[union-attr]
             buckets[bucket_key(p, pen)].append(p)
         else:
             others.append(p)
-    for key in [k for k, ps in buckets.items() if not worth_bucketing(ps)]:
+    for key in [k for k, ps in buckets.items() if not worth_bucketing(ps, native)]:
         others.extend(buckets.pop(key))
     # a copy: the group's own list may be changed in place before the next step
     cache[("plan", index)] = (group["penalty"], list(with_grad), dict(buckets), others)
+    cache[("native", index)] = group["fused"] is not False  # the plan depends on it
     return buckets, others
 
 
@@ -148,7 +153,11 @@ def _part(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> Pa
 
 
 def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> None:
-    """One :func:`.flat.flat_step` over the buckets ``held`` (with their tensors' states) of
-    ``group``, bucket after bucket."""
+    """One step of the buckets ``held`` (with their tensors' states) of ``group``: the compiled
+    CPU kernel (:mod:`.cpu_kernel`) unless the group has ``fused=False``, else
+    :func:`.flat.flat_step`, bucket after bucket."""
     part = _part(group, held)
+    if group["fused"] is not False and all(map(cpu_kernel.usable, part.buckets)):
+        cpu_kernel.step_buckets(part.buckets, part.states, part.masks, part.lams, **part.hp)
+        return
     flat_step(part.buckets, part.states, part.masks, part.lams, **part.hp)

@@ -132,27 +132,26 @@ class DessiLBI(Optimizer):
         maximize: maximise the objective (the step uses −g), as in ``torch.optim``.
         foreach: ``True``: the multi-tensor (``torch._foreach_*``) kernels; ``False``: the
             per-tensor loop; ``None`` (default): flat buckets on the CPU and CUDA
-            (:mod:`dessilbi.core.flat`: the state of tensors up to 65,536 entries on the CPU,
-            4,194,304 on CUDA, in one buffer per bucket, updated by a few large operations;
-            bit-identical to the per-tensor loop; on the CPU the parameters move into their
-            bucket's memory on its first step, :mod:`dessilbi.core.arena`) and, for larger
-            tensors, the per-tensor loop on the CPU and the multi-tensor kernels on CUDA. On
-            an H200, ResNet-56's step went from 5.9× SGD-foreach's (multi-tensor kernels) to
-            1.89× with the buckets updated together (VGG16-BN: 4.6× to 2.38×; docs/cuda.md).
-        fused: ``True``: run the update of the tensors too large for a bucket as a
-            ``torch.compile``-d kernel that reads every tensor once (the fastest path for
-            large layers; the first step pays the compilation, falling back to eager with a
-            warning where compilation fails). On CUDA, where Triton is, each bucket's update
-            is one Triton kernel that reads G, B, W and V once
-            (:mod:`dessilbi.core.triton_update`; checked against the eager step through
-            Triton's interpreter, not yet timed on a GPU). On the CPU the buckets stay eager:
-            compiling their update measured no faster (CPU, ResNet-56: 1.23–1.27× SGD's step against
-            1.24–1.27× eager, after a 13 s first step; H200: 2.19× against 1.90–2.14×, and
-            VGG16-BN 4.23× against 3.17–3.51×). ``None`` (default): on CPU, compile the
-            tensors too large for a bucket when a group's hold at least
-            :data:`AUTO_COMPILE_NUMEL` entries (VGG16-BN: 14.7 M, step 1.9× SGD's eager
-            against 1.1× compiled; a first step of 10–20 s), else eager; with ``foreach``
-            set, eager. ``False``: never compile.
+            (:mod:`dessilbi.core.flat`: the state of the tensors of one group, penalty, dtype,
+            device and row length in one buffer per bucket; the parameters move into their
+            bucket's memory on its first step, :mod:`dessilbi.core.arena`) and, for the
+            tensors that stay out, the per-tensor loop on the CPU and the multi-tensor kernels
+            on CUDA.
+        fused: how the buckets are updated. ``None`` (default): on the CPU, float32 buckets
+            take one call of compiled C each (:mod:`dessilbi.core.cpu_kernel`: every entry
+            read and written once, gradients read in place, so tensors of any size join a
+            bucket; built once per machine by the system's C compiler in under a second;
+            ResNet-56 and VGG16-BN steps at or below SGD-foreach's, README), where a compiler
+            is; elsewhere the eager bucket step (a few large operations per bucket,
+            bit-identical to the per-tensor loop; tensors up to 65,536 entries on the CPU,
+            4,194,304 on CUDA), and on the CPU the tensors left out of the buckets are
+            compiled with ``torch.compile`` when a group's hold at least
+            :data:`AUTO_COMPILE_NUMEL` entries. ``True``: the same on the CPU, any size
+            compiled; on CUDA, where Triton is, each bucket's update is one Triton kernel
+            that reads G, B, W and V once (:mod:`dessilbi.core.triton_update`; checked
+            against the eager step through Triton's interpreter, not yet timed on a GPU).
+            ``False``: the eager bucket step, nothing compiled. Every compiled path falls
+            back to the eager one, with one warning, where it cannot be built.
         total_steps: the number of optimizer steps the run will take; when ``nu`` is not given
             it sets ν so that the path completes within the run (a 3-epoch run needs a ν ~15×
             smaller than a 40-epoch one).

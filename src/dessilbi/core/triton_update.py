@@ -41,7 +41,7 @@ from torch import Tensor
 from .flat import FlatBucket, gather, write_back
 
 __all__ = ["KernelUnavailable", "Launch", "available", "fused_on", "launch_of", "row_block",
-           "step_buckets", "update_bucket"]
+           "step_buckets"]
 
 ENTRY_BLOCK = 1024  # entries per program of the element-wise kernel
 MAX_ROW_BLOCK = 4096  # a longer row is swept in blocks of this many entries (twice)
@@ -112,20 +112,15 @@ def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[s
 def _compile(bucket: FlatBucket, launch: Launch) -> None:
     """Compile ``launch``'s kernel variant once per bucket (Triton caches the binary; this
     only spares the check at every step)."""
+    compiled = bucket.extras.setdefault("variants", set())
     variant = launch.variant()
-    if variant in bucket.kernels:
+    if variant in compiled:
         return
     try:
         launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
     except Exception as e:  # noqa: BLE001 (a compiler's failure, of whatever kind)
         raise KernelUnavailable(f"{type(e).__name__}: {e}") from e
-    bucket.kernels.add(variant)
-
-
-def update_bucket(bucket: FlatBucket, lam: Tensor | float, **hp: Any) -> None:
-    """The update of one bucket as one kernel launch (arguments: :func:`launch_of`)."""
-    launch = launch_of(bucket, lam, **hp)
-    launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+    compiled.add(variant)
 
 
 def launch_of(bucket: FlatBucket, lam: Tensor | float, *, lr: float, kappa: float,

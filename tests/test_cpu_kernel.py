@@ -1,0 +1,157 @@
+"""The compiled C update of the CPU buckets (dessilbi.core.cpu_kernel): against the eager bucket
+update bucket by bucket and through the whole optimizer, independent of the thread count,
+built once and cached, and left alone where no compiler works."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from bucket_cases import (
+    GATHERS,
+    HP,
+    LAYOUTS,
+    SETTINGS,
+    THRESHOLDS,
+    bucket_pair,
+    check_against_eager,
+)
+from test_flat import VARIANTS, make_model, make_opt, train
+from torch import nn
+
+from dessilbi import DessiLBI, lbi_param_groups
+from dessilbi.core import cpu_kernel, flat
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here")
+real_step = cpu_kernel.step_buckets
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """The kernel built anew into an empty cache (the loaded one is restored after)."""
+    monkeypatch.setenv("DESSILBI_CACHE_DIR", str(tmp_path))
+    cpu_kernel.library.cache_clear()
+    yield tmp_path
+    cpu_kernel.library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("threshold", list(THRESHOLDS), ids=str)
+@pytest.mark.parametrize("setting", SETTINGS + GATHERS, ids=str)
+def test_one_call_is_the_eager_bucket_step(layout: tuple[str, int], threshold: str,
+                                           setting: dict) -> None:
+    check_against_eager(cpu_kernel.step_buckets, layout, THRESHOLDS[threshold], setting)
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS, ids=[str(v) or "defaults" for v in VARIANTS])
+def test_the_default_step_is_the_per_tensor_loop(monkeypatch: pytest.MonkeyPatch,
+                                                 variant: dict) -> None:
+    # thresholds and masks set and lifted on the way (``train``); the same zeros, the same
+    # support, the weights within rounding
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "step_buckets", lambda *args, **kw: calls.append(1) or
+                        real_step(*args, **kw))
+    ref, new = make_model(), make_model()
+    ref_opt, new_opt = make_opt(ref, variant, foreach=False), make_opt(new, variant)
+    train(ref, ref_opt, 7)
+    train(new, new_opt, 7)
+    assert calls, "the default did not take the kernel"
+    for p, q in zip(ref.parameters(), new.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        assert torch.equal(q == 0, p == 0)
+    for p, q in zip(ref_opt.penalised_params(), new_opt.penalised_params()):
+        assert torch.equal(ref_opt.support(p), new_opt.support(q))
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_the_result_does_not_depend_on_the_number_of_threads(
+        monkeypatch: pytest.MonkeyPatch, layout: tuple[str, int]) -> None:
+    monkeypatch.setattr(cpu_kernel, "ENTRIES_PER_THREAD", 4)  # split even these small buckets
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            bucket = bucket_pair(*layout)[1]
+            torch.set_num_threads(n)
+            cpu_kernel.step_buckets([bucket], [[{}, {}]], [[None, None]], [0.7], **HP)
+            results.append((bucket.weights, bucket.buf, bucket.v))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(a is b or torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_kernel
+def test_a_large_layer_takes_a_bucket_and_fused_false_keeps_it_out() -> None:
+    # LeNet-3's 300 x 784 layer: above the eager buckets' limit, the kernel reads its gradient
+    # in place, so it joins a bucket of its own
+    def bucketed(**kw) -> set[int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
+        opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=5.0, **kw)
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        held = {id(p) for b in opt.__dict__["_flat"].values()
+                if isinstance(b, flat.FlatBucket) for p in b.params}
+        return {i for i, p in enumerate(model.parameters()) if id(p) in held}
+
+    assert 0 in bucketed()  # the 300 x 784 weight is the model's first parameter
+    assert 0 not in bucketed(fused=False)
+
+
+@needs_kernel
+def test_a_gradient_that_is_not_contiguous_is_copied_in_first() -> None:
+    ref, new = make_model(), make_model()
+    ref_opt, new_opt = make_opt(ref, {}, foreach=False), make_opt(new, {})
+    g = torch.Generator().manual_seed(3)
+    for step_index in range(3):
+        x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        for model, opt in ((ref, ref_opt), (new, new_opt)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if step_index == 2:  # the same values in a transposed layout
+                weight = model[5].weight
+                weight.grad = weight.grad.t().contiguous().t()
+            opt.step()
+    for p, q in zip(ref.parameters(), new.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_into_the_cache(fresh_build) -> None:
+    assert cpu_kernel.library() is not None
+    built = list(fresh_build.glob("cpu_kernel_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernel.library.cache_clear()  # a new process, as it were
+    assert cpu_kernel.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_eager_step_stays(fresh_build, monkeypatch) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert cpu_kernel.library() is None and not cpu_kernel.available()
+    ref, new = make_model(), make_model()
+    ref_opt, new_opt = make_opt(ref, {}, foreach=False), make_opt(new, {})
+    train(ref, ref_opt, 5)
+    train(new, new_opt, 5)
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), new.parameters()))
+
+
+def test_a_compiler_that_fails_leaves_the_eager_step(fresh_build, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level("WARNING", logger="dessilbi.core.cpu_kernel"):
+        assert cpu_kernel.library() is None
+    assert "could not be built" in caplog.text
+
+
+def test_the_kernel_can_be_turned_off(fresh_build, monkeypatch) -> None:
+    monkeypatch.setenv("DESSILBI_CPU_KERNEL", "0")
+    assert cpu_kernel.library() is None
+    assert not list(fresh_build.iterdir())
