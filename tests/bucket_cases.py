@@ -20,7 +20,7 @@ SETTINGS = [{}, {"nesterov": True}, {"momentum": 0.0}, {"dampening": 0.3},
             {"pull": "outside", "kappa": 1.5}]
 GATHERS = [{"weight_decay": 0.01}, {"maximize": True}, {"mask": True},
            {"mask": True, "weight_decay": 0.01, "maximize": True, "pull": "outside"},
-           {"mask": True, "dampening": 0.3, "starting": True}]
+           {"mask": True, "starting": True}, {"mask": True, "dampening": 0.3, "starting": True}]
 HP = dict(lr=0.1, kappa=1.0, nu=3.0, group_norm="l2", momentum=0.9, dampening=0.0,
           nesterov=False, pull="all", weight_decay=0.0, maximize=False)
 

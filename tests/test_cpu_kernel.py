@@ -105,6 +105,17 @@ def test_a_large_layer_takes_a_bucket_and_fused_false_keeps_it_out() -> None:
 
 
 @needs_kernel
+def test_the_gradients_are_read_in_place_with_no_buffer_for_them() -> None:
+    # the bucket's gather buffer (1x the parameters' bytes) is never made: the first step's
+    # new momentum rows start at zero, and the gradients are contiguous float32
+    model = make_model()
+    opt = make_opt(model, {})
+    train(model, opt, 3, events=False)
+    buckets = [b for b in opt.__dict__["_flat"].values() if isinstance(b, flat.FlatBucket)]
+    assert buckets and all(b._grads is None for b in buckets)
+
+
+@needs_kernel
 def test_a_gradient_that_is_not_contiguous_is_copied_in_first() -> None:
     ref, new = make_model(), make_model()
     ref_opt, new_opt = make_opt(ref, {}, foreach=False), make_opt(new, {})

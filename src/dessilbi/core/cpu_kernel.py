@@ -51,7 +51,7 @@ from filelock import FileLock
 from torch import Tensor
 
 from .arena import bump_versions
-from .flat import FlatBucket, gather, write_back
+from .flat import FlatBucket, gather, start_buffers, write_back
 
 __all__ = ["available", "library", "step_buckets", "usable"]
 
@@ -147,8 +147,10 @@ def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[s
                  dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
                  pull: str) -> None:
     """One step of a group's float32 CPU buckets (:func:`usable`), one kernel call each, the
-    gradients read in place. A bucket in which a tensor takes its first step copies its
-    gradients in and gathers them first (:func:`.flat.gather` sets the new momentum rows)."""
+    gradients read in place. A tensor's first momentum rows start at zero (b ← g); with
+    dampening they start from the gathered gradient, so that bucket copies its gradients in
+    and gathers them first (:func:`.flat.gather`), as it does for a gradient that is not
+    contiguous float32."""
     lib = library()
     assert lib is not None
     threads = torch.get_num_threads()
@@ -156,8 +158,11 @@ def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[s
         mask = bucket.mask_of(tensor_masks)
         grads: list[Tensor] = [p.grad for p in bucket.params]  # type: ignore[misc]
         sign, decay = -1.0 if maximize else 1.0, weight_decay
-        if momentum != 0.0 and any(bucket.starting) or not all(
-                g.is_contiguous() and g.dtype == torch.float32 for g in grads):
+        starting = momentum != 0.0 and any(bucket.starting)
+        if starting and dampening == 0.0:  # new momentum rows start at zero: b ← g
+            start_buffers(bucket, None, momentum, dampening)
+        elif starting or not all(g.is_contiguous() and g.dtype == torch.float32
+                                 for g in grads):
             bucket.transfer().copy_in()
             gather([bucket], [tensor_masks], momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, maximize=maximize)

@@ -56,8 +56,8 @@ from .kernels import plain
 from .transfer import Transfer
 
 __all__ = ["FlatBucket", "MAX_NUMEL", "MAX_NUMEL_CUDA", "SOLO_NUMEL", "bucket_key", "eligible",
-           "batched_on", "flat_step", "gap_of", "gather", "group_shrink", "update_one",
-           "worth_bucketing", "write_back"]
+           "batched_on", "flat_step", "gap_of", "gather", "group_shrink", "start_buffers",
+           "update_one", "worth_bucketing", "write_back"]
 
 MAX_NUMEL = 1 << 16  # entries (256 KB of float32): above, an operation's memory traffic
 # outweighs its launch cost, and the gather copies would only add passes (docs/training.md)
@@ -121,7 +121,8 @@ class FlatBucket:
         self.rows = [p.numel() // k for p in params]
         n_rows = sum(self.rows)
         like = dict(dtype=p0.dtype, device=p0.device)
-        self.grads = torch.empty(n_rows, k, **like)
+        self._grads: Tensor | None = None  # the gathered gradients: made on first use
+        self._grad_views: list[Tensor | None] = []
         # the parameters move into the bucket's memory where they can (module docstring)
         arena = adopt(params, k) if all(adoptable(p) for p in params) else None
         self.adopted = arena is not None
@@ -132,7 +133,6 @@ class FlatBucket:
         self.buf = self._adopt(states, "momentum_buffer")
         self.v_views = self._views(self.v)
         self.buf_views = self._views(self.buf)
-        self.grad_views = self._views(self.grads)
         self.weight_views = self._views(self.weights)
         self.pointers = [p.data_ptr() for p in params]
         # what the state's momentum buffers are since the first step: "views" / "none"
@@ -148,6 +148,21 @@ class FlatBucket:
         self.lambdas: Tensor | float = 0.0
         # what a compiled kernel keeps for this bucket (.triton_update, .cpu_kernel)
         self.extras: dict[str, Any] = {}
+
+    @property
+    def grads(self) -> Tensor:
+        """The gradients gathered into one ``(R, K)`` buffer, made on first use (the
+        compiled CPU kernel reads them in place and needs it only in a rare step)."""
+        if self._grads is None:
+            self._grads = torch.empty_like(self.weights)
+            self._grad_views = self._views(self._grads)
+        return self._grads
+
+    @property
+    def grad_views(self) -> list[Tensor | None]:
+        """:attr:`grads`, one view per parameter (made with it)."""
+        _ = self.grads
+        return self._grad_views
 
     def _adopt(self, states: Sequence[dict[str, Any]], key: str) -> Tensor:
         """A zero buffer holding the state's existing tensors under ``key``, row by row."""
@@ -306,7 +321,7 @@ def gather(buckets: Sequence[FlatBucket], masks: Sequence[Sequence[Tensor | None
         torch._foreach_add_(gs, [b.weights for b in buckets], alpha=weight_decay)
     for b in buckets:
         if momentum != 0.0 and any(b.starting):
-            _start_buffers(b, b.grads, momentum, dampening)
+            start_buffers(b, b.grads, momentum, dampening)
     return held
 
 
@@ -327,14 +342,16 @@ def write_back(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[str
             b.starting = [False] * len(b.params)
 
 
-def _start_buffers(bucket: FlatBucket, g: Tensor, momentum: float, dampening: float) -> None:
+def start_buffers(bucket: FlatBucket, g: Tensor | None, momentum: float,
+                  dampening: float) -> None:
     """b ← g on a tensor's first step: m·b + (1 − d)·g gives g when its rows start at
-    d·g / m (zero without dampening). ``g`` is the gathered gradient (sign, mask and weight
-    decay applied, as the per-tensor step's b ← g)."""
-    for i, rows in enumerate(g.split(bucket.rows)):
-        if bucket.starting[i]:
-            start = bucket.buf.split(bucket.rows)[i]  # type: ignore[union-attr]
-            if dampening == 0.0:
+    d·g / m (zero without dampening, when ``g`` is not read). ``g`` is the gathered gradient
+    (sign, mask and weight decay applied, as the per-tensor step's b ← g)."""
+    gathered = repeat(None) if dampening == 0.0 else g.split(bucket.rows)  # type: ignore[union-attr]
+    for start, rows, starting in zip(bucket.buf.split(bucket.rows),  # type: ignore[union-attr]
+                                     gathered, bucket.starting):
+        if starting:
+            if rows is None:
                 start.zero_()
             else:
                 start.copy_(rows).mul_(dampening / momentum)
