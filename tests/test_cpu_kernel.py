@@ -4,6 +4,7 @@ built once and cached, and left alone where no compiler works."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -17,6 +18,8 @@ from bucket_cases import (
     bucket_pair,
     check_against_eager,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_flat import VARIANTS, make_model, make_opt, train
 from torch import nn
 
@@ -166,3 +169,49 @@ def test_the_kernel_can_be_turned_off(fresh_build, monkeypatch) -> None:
     monkeypatch.setenv("DESSILBI_CPU_KERNEL", "0")
     assert cpu_kernel.library() is None
     assert not list(fresh_build.iterdir())
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(penalty=st.sampled_from(["group", "lasso", "none"]), k=st.integers(1, 70),
+       rows=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       momentum=st.sampled_from([0.0, 0.9]), dampening=st.sampled_from([0.0, 0.3]),
+       nesterov=st.booleans(), outside=st.booleans(), rms=st.booleans(),
+       per_row=st.booleans(), masked=st.booleans(), decay=st.sampled_from([0.0, 0.01]),
+       maximize=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_any_bucket_steps_as_the_eager_step(penalty, k, rows, momentum, dampening, nesterov,
+                                            outside, rms, per_row, masked, decay, maximize,
+                                            seed) -> None:
+    # shapes, thresholds and settings drawn at random; the rows split over threads unevenly
+    if nesterov and (momentum == 0.0 or dampening != 0.0):
+        return  # torch's rule: Nesterov needs momentum and no dampening
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(r, k, generator=gen)) for r in rows]
+    states = [{"momentum_buffer": torch.randn(r, k, generator=gen),
+               "V": torch.randn(r, k, generator=gen) * 2} for r in rows]
+    if penalty == "none":
+        for state in states:
+            del state["V"]
+    eager = flat.FlatBucket(params, states, penalty, k)
+    native = copy.deepcopy(eager)
+    for bucket in (eager, native):
+        for p in bucket.params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1))
+    eager.transfer().copy_in()
+    lam = (torch.rand(sum(rows), 1, generator=gen) * 2) if per_row else 1.0
+    masks = [[torch.rand(p.shape, generator=gen) > 0.3 if masked else None
+              for p in eager.params]]
+    hp = dict(lr=0.1, kappa=1.3, nu=2.0, group_norm="rms" if rms else "l2", momentum=momentum,
+              dampening=dampening, nesterov=nesterov, pull="outside" if outside else "all")
+    held = flat.gather([eager], masks, momentum=momentum, dampening=dampening,
+                       weight_decay=decay, maximize=maximize)
+    flat.update_one(eager, lam, **hp)
+    flat.write_back([eager], [[{} for _ in rows]], held, momentum)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernel, "ENTRIES_PER_THREAD", 1)
+        cpu_kernel.step_buckets([native], [[{} for _ in rows]], masks, [lam],
+                                weight_decay=decay, maximize=maximize, **hp)
+    for name in ("weights", "buf", "v"):
+        want, got = getattr(eager, name), getattr(native, name)
+        if want is not None and (name != "buf" or momentum != 0.0):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
