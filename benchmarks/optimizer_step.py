@@ -93,13 +93,14 @@ def _half_support(opt: DessiLBI) -> None:
 
 
 def working_bytes(opt: torch.optim.Optimizer) -> int:
-    """Scratch memory kept between steps: the flat buckets' gather buffers (their weights
-    buffer is the parameters themselves where they were adopted) and the per-tensor loop's
-    W − Γ buffer (V and the momentum buffer are the state)."""
+    """Scratch memory kept between steps: the flat buckets' gather buffers (made only where
+    a step needs them; their weights buffer is the parameters themselves where they were
+    adopted) and the per-tensor loop's W − Γ buffer (V and the momentum buffer are the
+    state)."""
     from dessilbi.core.flat import FlatBucket
 
     held = [t for b in opt.__dict__.get("_flat", {}).values() if isinstance(b, FlatBucket)
-            for t in (b.grads, None if b.adopted else b.weights, b.gap) if t is not None]
+            for t in (b._grads, None if b.adopted else b.weights, b.gap) if t is not None]
     held += list(opt.__dict__.get("_workspaces", {}).values())
     return sum(t.numel() * t.element_size() for t in held)
 

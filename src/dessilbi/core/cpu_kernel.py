@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,15 @@ from torch import Tensor
 
 from .arena import bump_versions
 from .flat import FlatBucket, gather, start_buffers, write_back
+from .transfer import grads_of
 
 __all__ = ["available", "library", "step_buckets", "usable"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
+FLOAT32 = torch.float32
+dtype_of = attrgetter("dtype")
 PENALTIES = {"none": 0, "group": 1, "lasso": 2}
 ENTRIES_PER_THREAD = 1 << 16  # below this many entries per thread, fewer threads
 FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
@@ -154,46 +158,49 @@ def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[s
     lib = library()
     assert lib is not None
     threads = torch.get_num_threads()
+    coupled = nu != float("inf")
+    rates = (momentum, 1.0 - dampening, lr / nu if coupled else 0.0,
+             lr * kappa / nu if coupled else 0.0, lr * kappa, kappa)
     for bucket, tensor_masks, lam in zip(buckets, masks, lams):
         mask = bucket.mask_of(tensor_masks)
-        grads: list[Tensor] = [p.grad for p in bucket.params]  # type: ignore[misc]
+        grads: list[Tensor] = list(map(grads_of, bucket.params))
         sign, decay = -1.0 if maximize else 1.0, weight_decay
         starting = momentum != 0.0 and any(bucket.starting)
         if starting and dampening == 0.0:  # new momentum rows start at zero: b ← g
             start_buffers(bucket, None, momentum, dampening)
-        elif starting or not all(g.is_contiguous() and g.dtype == torch.float32
-                                 for g in grads):
+        elif starting or not (all(map(Tensor.is_contiguous, grads))
+                              and all(map(FLOAT32.__eq__, map(dtype_of, grads)))):
             bucket.transfer().copy_in()
             gather([bucket], [tensor_masks], momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, maximize=maximize)
             grads, sign, decay = bucket.grad_views, 1.0, 0.0  # type: ignore[assignment]
-        coupled = bucket.penalty != "none" and nu != float("inf")
+        column = isinstance(lam, Tensor)
         lib.dessilbi_step(
-            (ctypes.c_void_p * len(grads))(*map(Tensor.data_ptr, grads)), _starts(bucket),
-            len(grads), bucket.k, _ptr(bucket.buf if momentum != 0.0 else None),
-            bucket.weights.data_ptr(), _ptr(bucket.v if coupled else None), _ptr(mask),
-            _ptr(lam if isinstance(lam, Tensor) else None),
-            0.0 if isinstance(lam, Tensor) else float(lam), sign, decay, momentum,
-            1.0 - dampening, lr / nu if coupled else 0.0,
-            lr * kappa / nu if coupled else 0.0, lr * kappa, kappa,
-            bucket.k ** -0.5 if group_norm == "rms" else 1.0,
+            (ctypes.c_void_p * len(grads))(*map(Tensor.data_ptr, grads)),
+            *_buffers(bucket, momentum != 0.0, coupled), _ptr(mask),
+            lam.data_ptr() if column else None, 0.0 if column else float(lam),  # type: ignore[union-attr]
+            sign, decay, *rates, bucket.k ** -0.5 if group_norm == "rms" else 1.0,
             PENALTIES[bucket.penalty] if coupled else 0, int(nesterov), int(pull == "outside"),
             max(1, min(threads, bucket.weights.numel() // ENTRIES_PER_THREAD)))
     bump_versions([p for b in buckets for p in b.params])
     write_back(buckets, states, [None] * len(buckets), momentum)
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _starts(bucket: FlatBucket) -> ctypes.Array[ctypes.c_int64]:
-    """The first row of each tensor of ``bucket`` and the row count, as a C array (built once
-    per bucket)."""
-    held = bucket.extras.get("starts")
+def _buffers(bucket: FlatBucket, momentum: bool, coupled: bool) -> tuple[Any, ...]:
+    """The arguments of a call that are fixed for a bucket's life (its rows and buffers),
+    built once per bucket: the tensors' first rows, their number, K, and B, W, V."""
+    key = ("call", momentum, coupled)
+    held = bucket.extras.get(key)
     if held is None:
         offsets = [0]
         for rows in bucket.rows:
             offsets.append(offsets[-1] + rows)
-        held = bucket.extras["starts"] = (ctypes.c_int64 * len(offsets))(*offsets)
+        held = bucket.extras[key] = (
+            (ctypes.c_int64 * len(offsets))(*offsets), len(bucket.rows), bucket.k,
+            _ptr(bucket.buf if momentum else None), bucket.weights.data_ptr(),
+            _ptr(bucket.v if coupled and bucket.penalty != "none" else None))
     return held
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -96,8 +96,8 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
     for kind, entries in by_kind.items():
         device = kind[1]
         if not batched_on(device):
-            for index, bucket, states in entries:
-                _step(param_groups[index], [(bucket, states)])
+            for index in dict.fromkeys(i for i, _, _ in entries):
+                _step(param_groups[index], [(b, sts) for i, b, sts in entries if i == index])
             continue
         transfer = _transfer(cache, kind, [b for _, b, _ in entries])
         transfer.copy_in()
@@ -154,10 +154,13 @@ def _part(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> Pa
 
 def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> None:
     """One step of the buckets ``held`` (with their tensors' states) of ``group``: the compiled
-    CPU kernel (:mod:`.cpu_kernel`) unless the group has ``fused=False``, else
-    :func:`.flat.flat_step`, bucket after bucket."""
+    CPU kernel (:mod:`.cpu_kernel`) unless the group has ``fused=False`` or a bucket cannot
+    take it, else :func:`.flat.flat_step`, bucket after bucket."""
     part = _part(group, held)
     if group["fused"] is not False and all(map(cpu_kernel.usable, part.buckets)):
         cpu_kernel.step_buckets(part.buckets, part.states, part.masks, part.lams, **part.hp)
         return
-    flat_step(part.buckets, part.states, part.masks, part.lams, **part.hp)
+    for bucket, states, masks, lam in zip(part.buckets, part.states, part.masks, part.lams):
+        # one bucket a call: its copies are built once (a list of buckets would build them
+        # at every step)
+        flat_step([bucket], [states], [masks], [lam], **part.hp)
