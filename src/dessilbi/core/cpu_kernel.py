@@ -63,7 +63,11 @@ SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FLOAT32 = torch.float32
 dtype_of = attrgetter("dtype")
 PENALTIES = {"none": 0, "group": 1, "lasso": 2}
-ENTRIES_PER_THREAD = 1 << 16  # below this many entries per thread, fewer threads
+# a bucket takes one thread per this many entries (up to torch's thread count): a thread started
+# for a call competes with torch's OpenMP workers, which spin for a while after each parallel
+# region; at 65,536 a 2-core machine ran ResNet-56's step at 1.46-1.88x SGD-foreach's, at
+# 2^20 (ResNet-56: one thread, VGG16-BN's largest buckets: two) at 0.71-0.84x (README)
+ENTRIES_PER_THREAD = 1 << 20
 FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 _F, _I, _P = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
 SIGNATURE = [_P, _P, _I, _I, _P, _P, _P, _P, _P, _F, _F, _F, _F, _F, _F, _F, _F, _F, _F,
