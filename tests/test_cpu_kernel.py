@@ -215,3 +215,14 @@ def test_any_bucket_steps_as_the_eager_step(penalty, k, rows, momentum, dampenin
         want, got = getattr(eager, name), getattr(native, name)
         if want is not None and (name != "buf" or momentum != 0.0):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_kernel
+def test_a_damaged_cached_library_leaves_the_eager_step(fresh_build, caplog) -> None:
+    assert cpu_kernel.library() is not None
+    built = next(fresh_build.glob("cpu_kernel_*.so"))
+    built.write_bytes(b"not a shared library")
+    cpu_kernel.library.cache_clear()
+    with caplog.at_level("WARNING", logger="dessilbi.core.cpu_kernel"):
+        assert cpu_kernel.library() is None
+    assert "could not be built" in caplog.text

@@ -39,6 +39,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -97,19 +98,18 @@ def library() -> ctypes.CDLL | None:
         log.info("no C compiler found: the CPU buckets take the eager step")
         return None
     try:
-        path = _built(compiler)
+        lib = ctypes.CDLL(str(_built(shlex.split(compiler))))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("the CPU kernel could not be built (%s): the buckets take the eager step", e)
         return None
-    lib = ctypes.CDLL(str(path))
     lib.dessilbi_step.argtypes = SIGNATURE
     lib.dessilbi_step.restype = None
     return lib
 
 
-def _built(compiler: str) -> Path:
+def _built(compiler: list[str]) -> Path:
     """The shared library for this source, compiler and CPU, compiled if not yet cached."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), version, " ".join(FLAGS),
                                     platform.machine(), _cpu_features()]).encode()).hexdigest()
@@ -123,13 +123,13 @@ def _built(compiler: str) -> Path:
     return target
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: list[str], target: Path) -> None:
     """Compile the source into ``target`` (through a temporary file, so a reader never sees a
     half-written library); with the CPU's own instruction sets where the compiler can."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         for arch in (["-march=native"], []):
-            done = subprocess.run([compiler, *FLAGS, *arch, str(SOURCE), "-o", str(out), "-lm"],
+            done = subprocess.run([*compiler, *FLAGS, *arch, str(SOURCE), "-o", str(out), "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(out, target)

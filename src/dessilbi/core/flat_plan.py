@@ -84,7 +84,8 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
     (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
     together and update together, stage by stage (:mod:`.together`), or, for the groups with
     ``fused=True`` where Triton is, one fused kernel per bucket (:mod:`.triton_update`); on
-    the CPU bucket after bucket."""
+    the CPU group by group, one call of the compiled kernel per bucket (:mod:`.cpu_kernel`)
+    or the eager step bucket after bucket."""
     by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Any]]]] = defaultdict(list)
     for index, group, planned in work:
         for key, params in planned.items():
