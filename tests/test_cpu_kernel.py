@@ -108,6 +108,27 @@ def test_a_large_layer_takes_a_bucket_and_fused_false_keeps_it_out() -> None:
 
 
 @needs_kernel
+def test_setting_fused_false_on_a_group_plans_its_buckets_again() -> None:
+    # the plan is kept while the same tensors have gradients, and while the group's choice of
+    # kernel is the same: fused=False set between steps takes the large layer out
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
+    opt = DessiLBI(lbi_param_groups(model), lr=0.1, nu=5.0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+    def step_and_bucketed() -> bool:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        planned = [opt.__dict__["_flat"][("plan", i)][2] for i in range(len(opt.param_groups))]
+        return any(model[1].weight is p for plan in planned for ps in plan.values() for p in ps)
+
+    assert step_and_bucketed()
+    for group in opt.param_groups:
+        group["fused"] = False
+    assert not step_and_bucketed()
+
+
+@needs_kernel
 def test_the_gradients_are_read_in_place_with_no_buffer_for_them() -> None:
     # the bucket's gather buffer (1x the parameters' bytes) is never made: the first step's
     # new momentum rows start at zero, and the gradients are contiguous float32

@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from itertools import accumulate
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,7 @@ def _buffers(bucket: FlatBucket, momentum: bool, coupled: bool) -> tuple[Any, ..
     key = ("call", momentum, coupled)
     held = bucket.extras.get(key)
     if held is None:
-        offsets = [0]
-        for rows in bucket.rows:
-            offsets.append(offsets[-1] + rows)
+        offsets = list(accumulate(bucket.rows, initial=0))
         held = bucket.extras[key] = (
             (ctypes.c_int64 * len(offsets))(*offsets), len(bucket.rows), bucket.k,
             _ptr(bucket.buf if momentum else None), bucket.weights.data_ptr(),

@@ -52,9 +52,10 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
     grads = list(map(grads_of, params))
     with_grad = params if all(map(is_not, grads, repeat(None))) \
         else [p for p, g in zip(params, grads) if g is not None]
+    # the plan depends on the penalty and on whether the group may take the CPU kernel
+    settings = (group["penalty"], group["fused"] is not False)
     held = cache.get(("plan", index))
-    if held is not None and held[0] == group["penalty"] and len(held[1]) == len(with_grad) \
-            and cache.get(("native", index)) == (group["fused"] is not False) \
+    if held is not None and held[0] == settings and len(held[1]) == len(with_grad) \
             and all(map(is_, held[1], with_grad)):
         return held[2], held[3]
     buckets: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
@@ -72,8 +73,7 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
     for key in [k for k, ps in buckets.items() if not worth_bucketing(ps, native)]:
         others.extend(buckets.pop(key))
     # a copy: the group's own list may be changed in place before the next step
-    cache[("plan", index)] = (group["penalty"], list(with_grad), dict(buckets), others)
-    cache[("native", index)] = group["fused"] is not False  # the plan depends on it
+    cache[("plan", index)] = (settings, list(with_grad), dict(buckets), others)
     return buckets, others
 
 
@@ -105,7 +105,8 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
         parts = {index: _part(param_groups[index], [(b, sts) for i, b, sts in entries
                                                     if i == index])
                  for index in dict.fromkeys(i for i, _, _ in entries)}
-        for index in [i for i in parts if param_groups[i]["fused"]] if fused_on(device) else []:
+        fused = [i for i in parts if param_groups[i]["fused"]]
+        for index in fused if fused and fused_on(device) else []:
             _fused_step(cache, parts, index)
         if parts:
             step_together(list(parts.values()))

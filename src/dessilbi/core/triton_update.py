@@ -30,6 +30,7 @@ are kernel arguments, not constants, so learning-rate schedules never recompile.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -47,8 +48,10 @@ ENTRY_BLOCK = 1024  # entries per program of the element-wise kernel
 MAX_ROW_BLOCK = 4096  # a longer row is swept in blocks of this many entries (twice)
 
 
+@functools.cache
 def available() -> bool:
-    """Whether Triton can be imported (it comes with torch's CUDA wheels, not the CPU ones)."""
+    """Whether Triton can be imported (it comes with torch's CUDA wheels, not the CPU ones;
+    looked up once: the finders' search is not for every step)."""
     return importlib.util.find_spec("triton") is not None
 
 
