@@ -57,7 +57,7 @@ from .arena import bump_versions
 from .flat import FlatBucket, gather, start_buffers, write_back
 from .transfer import grads_of
 
-__all__ = ["available", "library", "step_buckets", "usable"]
+__all__ = ["available", "call", "in_place", "library", "rates_of", "step_buckets", "usable"]
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[s
     assert lib is not None
     threads = torch.get_num_threads()
     coupled = nu != float("inf")
-    rates = (momentum, 1.0 - dampening, lr / nu if coupled else 0.0,
-             lr * kappa / nu if coupled else 0.0, lr * kappa, kappa)
+    rates = rates_of(lr, kappa, nu, momentum, dampening)
     for bucket, tensor_masks, lam in zip(buckets, masks, lams):
         mask = bucket.mask_of(tensor_masks)
         grads: list[Tensor] = list(map(grads_of, bucket.params))
@@ -173,22 +172,47 @@ def step_buckets(buckets: Sequence[FlatBucket], states: Sequence[Sequence[dict[s
         starting = momentum != 0.0 and any(bucket.starting)
         if starting and dampening == 0.0:  # new momentum rows start at zero: b ← g
             start_buffers(bucket, None, momentum, dampening)
-        elif starting or not (all(map(Tensor.is_contiguous, grads))
-                              and all(map(FLOAT32.__eq__, map(dtype_of, grads)))):
+        elif starting or not in_place(grads):
             bucket.transfer().copy_in()
             gather([bucket], [tensor_masks], momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, maximize=maximize)
             grads, sign, decay = bucket.grad_views, 1.0, 0.0  # type: ignore[assignment]
-        column = isinstance(lam, Tensor)
-        lib.dessilbi_step(
-            (ctypes.c_void_p * len(grads))(*map(Tensor.data_ptr, grads)),
-            *_buffers(bucket, momentum != 0.0, coupled), _ptr(mask),
-            lam.data_ptr() if column else None, 0.0 if column else float(lam),  # type: ignore[union-attr]
-            sign, decay, *rates, bucket.k ** -0.5 if group_norm == "rms" else 1.0,
-            PENALTIES[bucket.penalty] if coupled else 0, int(nesterov), int(pull == "outside"),
-            max(1, min(threads, bucket.weights.numel() // ENTRIES_PER_THREAD)))
+        call(lib, bucket, grads, mask, lam, sign, decay, rates, group_norm=group_norm,
+             momentum=momentum, coupled=coupled, nesterov=nesterov, pull=pull,
+             threads=threads)
     bump_versions([p for b in buckets for p in b.params])
     write_back(buckets, states, [None] * len(buckets), momentum)
+
+
+def in_place(grads: Sequence[Tensor]) -> bool:
+    """Whether the kernel can read ``grads`` where they are: contiguous float32."""
+    return all(map(Tensor.is_contiguous, grads)) and all(map(FLOAT32.__eq__,
+                                                             map(dtype_of, grads)))
+
+
+def rates_of(lr: float, kappa: float, nu: float, momentum: float,
+             dampening: float) -> tuple[float, ...]:
+    """The kernel's rates from a group's hyper-parameters: m, 1 − dampening, α/ν, ακ/ν (0
+    when the coupling is released, ν = ∞), ακ and κ."""
+    coupled = nu != float("inf")
+    return (momentum, 1.0 - dampening, lr / nu if coupled else 0.0,
+            lr * kappa / nu if coupled else 0.0, lr * kappa, kappa)
+
+
+def call(lib: ctypes.CDLL, bucket: FlatBucket, grads: Sequence[Tensor], mask: Tensor | None,
+         lam: Tensor | float, sign: float, decay: float, rates: tuple[float, ...], *,
+         group_norm: str, momentum: float, coupled: bool, nesterov: bool, pull: str,
+         threads: int) -> None:
+    """One kernel call: ``bucket``'s step with the gradients ``grads`` (one per tensor,
+    contiguous float32), the ``mask`` rows or ``None``, one threshold or a column of them."""
+    column = isinstance(lam, Tensor)
+    lib.dessilbi_step(
+        (ctypes.c_void_p * len(grads))(*map(Tensor.data_ptr, grads)),
+        *_buffers(bucket, momentum != 0.0, coupled), _ptr(mask),
+        lam.data_ptr() if column else None, 0.0 if column else float(lam),  # type: ignore[union-attr]
+        sign, decay, *rates, bucket.k ** -0.5 if group_norm == "rms" else 1.0,
+        PENALTIES[bucket.penalty] if coupled else 0, int(nesterov), int(pull == "outside"),
+        max(1, min(threads, bucket.weights.numel() // ENTRIES_PER_THREAD)))
 
 
 def _buffers(bucket: FlatBucket, momentum: bool, coupled: bool) -> tuple[Any, ...]:

@@ -42,8 +42,10 @@ from torch.optim import Optimizer
 
 from .bundle import Bundle
 from .checks import PULLS, check_grad, check_group, check_params
+from .flat import FlatBucket
 from .flat_plan import plan_buckets, step_buckets
 from .penalties import prox
+from .steady import SteadyStep
 from .update import dessilbi_update
 
 __all__ = ["DessiLBI", "nu_for_steps", "resolve_penalty", "unwrap_optimizer", "PENALTY_CHOICES",
@@ -252,10 +254,14 @@ class DessiLBI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        flat_cache = self.__dict__.setdefault("_flat", {})  # the buckets and the groups' plans
+        steady = flat_cache.get("steady")
+        if steady is not None and steady(self.param_groups, self.state):
+            return loss
         fused: list[tuple[Bundle, dict[str, Any]]] = []
         masked: list[tuple[Tensor, Tensor]] = []
         flat_work: list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]] = []
-        flat_cache = self.__dict__.setdefault("_flat", {})  # the buckets and the groups' plans
+        loose = False  # a gradient outside the flat buckets
         for index, group in enumerate(self.param_groups):
             # A tensor with its own threshold (state["lambda_"], set by SparsityTarget) forms a
             # bundle of its own, so the kernels keep one λ per call.
@@ -266,6 +272,7 @@ class DessiLBI(Optimizer):
             for p in others:
                 if p.grad is None:
                     continue
+                loose = True
                 check_grad(p.grad)
                 state = self.state[p]
                 pen = resolve_penalty(group["penalty"], p)
@@ -293,6 +300,8 @@ class DessiLBI(Optimizer):
                 bundle.store_buffers(group["momentum"])
         if flat_work:
             step_buckets(flat_cache, self.state, self.param_groups, flat_work)
+        flat_cache["steady"] = None if loose or not flat_work else SteadyStep.after(
+            self.param_groups, self.state, _buckets_of(flat_cache, self.param_groups, flat_work))
         if fused:
             from ._fused import fused_step
 
@@ -393,6 +402,16 @@ class DessiLBI(Optimizer):
         if total == 0:
             return 0.0
         return float(sum(int(m.sum()) for m in masks.values())) / total
+
+
+def _buckets_of(cache: dict[Any, Any], param_groups: list[dict[str, Any]],
+                work: list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]],
+                ) -> list[list[FlatBucket]]:
+    """The flat buckets each group's step used (``work``: (index, group, plan))."""
+    held: list[list[FlatBucket]] = [[] for _ in param_groups]
+    for index, _, planned in work:
+        held[index] = [cache[(index, key)] for key in planned]
+    return held
 
 
 def _compiles(group: dict[str, Any], others: list[Tensor]) -> bool:
