@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
-from dessilbi.core.target import ALLOCATIONS, SCHEDULES, TARGET_PULLS, SparsityTarget
+from dessilbi.core.target import ALLOCATIONS, SCHEDULES, SCORES, TARGET_PULLS, SparsityTarget
 from dessilbi.core.units import classifier_of, coupled_parameters, stem_of
 from dessilbi.sparsity.masks import Mask
 from dessilbi.structure.cost import MacsModel
@@ -79,6 +79,7 @@ class Setup:
     settle: float = 0.0  # SparsityTarget ramps the dropped units down this long after selection
     device: str = "cpu"  # where every method trains (the initial weights are made on the CPU)
     reserve: int = 8  # SparsityTarget: each layer's best units counted first (narrow layers)
+    score: str = "initial"  # SparsityTarget: a layer's ‖V_g‖ over its initial / current mean
 
 
 @dataclass
@@ -199,7 +200,7 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else (),
                          fade=setup.fade, start_at=setup.start_at, settle=setup.settle,
-                         reserve=setup.reserve)
+                         reserve=setup.reserve, score=setup.score)
     head_name = name_of(model, head)
 
     def after_epoch(epoch: int) -> None:
@@ -366,6 +367,9 @@ def main() -> None:
                     help="SparsityTarget counts each layer's best N units first (a narrow "
                          "layer is not cut into a bottleneck; the default 8, 0: the rows "
                          "without a reserve field)")
+    ap.add_argument("--score", default="initial", choices=SCORES,
+                    help="SparsityTarget's global score: a layer's ‖V_g‖ over its initial "
+                         "mean unit norm (the default) or over its current mean ‖V_g‖")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
                     "trains, from the same initial weights")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
@@ -382,7 +386,7 @@ def main() -> None:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
                       args.whole_first, args.pull, args.select_at, args.support, args.fade,
-                      args.start_at, args.settle, args.device, args.reserve)
+                      args.start_at, args.settle, args.device, args.reserve, args.score)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())  # on the CPU

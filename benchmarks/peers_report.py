@@ -89,6 +89,8 @@ def setting(row: dict[str, Any]) -> str:
         parts.append(f"settle {row['settle']:g}")
     if row.get("reserve"):
         parts.append(f"reserve {row['reserve']}")
+    if row.get("score", "initial") != "initial":
+        parts.append(f"score {row['score']}")
     if row.get("ranking"):  # an allocation given by hand or another ranking, as screened
         parts.append(row["ranking"])
     return " / ".join(parts)

@@ -40,6 +40,14 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     assert aimed.replace(start_at=0.1).run_name() != aimed.run_name()
     # reserve came later with the default 8 (0 before it existed): 0 names what it named
     assert aimed.replace(reserve=0).run_name() != aimed.run_name()
+    assert aimed.replace(score="initial").run_name() == aimed.run_name()  # score came later
+    assert aimed.replace(score="mean").run_name() != aimed.run_name()
+
+
+def test_a_score_is_one_of_the_rankings():
+    TrainConfig(**AIMED, score="mean").validate()
+    with pytest.raises(ConfigError, match="score"):
+        TrainConfig(**AIMED, score="median").validate()
 
 
 @pytest.mark.parametrize("reserve", [-1, 2.5, True])

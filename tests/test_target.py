@@ -14,8 +14,8 @@ from dessilbi import (
     lbi_param_groups,
     support_fraction,
 )
-from dessilbi.core.target import group_pull, unit_norms
-from dessilbi.core.units import stem_of
+from dessilbi.core.target import group_pull, layer_scores, unit_norms
+from dessilbi.core.units import stem_of, unit_counts
 from dessilbi.zoo.models import create_model
 
 
@@ -332,7 +332,8 @@ def test_bad_arguments_name_the_field():
                       (dict(schedule="x"), "schedule"), (dict(allocation="x"), "allocation"),
                       (dict(pull="x"), "pull"), (dict(start_at=0.3), "start_at"),
                       (dict(start_at=-0.1), "start_at"), (dict(settle=0.9), "settle"),
-                      (dict(settle=-0.1), "settle"), (dict(settle=0.1, freeze=False), "settle")):
+                      (dict(settle=-0.1), "settle"), (dict(settle=0.1, freeze=False), "settle"),
+                      (dict(score="x"), "score")):
         args = {"density": 0.5, "total_steps": 10, **kw}
         with pytest.raises(ValueError, match=field):
             SparsityTarget(opt, **args)
@@ -457,6 +458,43 @@ def test_a_reserve_keeps_each_layers_best_units_inside_the_target():
         assert target.unit_density() == pytest.approx(0.3, abs=0.03)
     assert kept[0][0] < 6
     assert kept[8][0] == 6 and min(kept[8][1:]) >= 8 and sum(kept[8]) == sum(kept[0])
+
+
+@given(st.lists(st.floats(0.0, 1e3), min_size=1, max_size=20), st.floats(1e-3, 1e3))
+def test_layer_scores_put_a_layer_on_the_common_scale(values, factor):
+    norms = torch.tensor(values, dtype=torch.float64)
+    assert torch.equal(layer_scores(norms, 2.0, "initial"), norms / 2.0)
+    mean = layer_scores(norms, 2.0, "mean")
+    if norms.sum() == 0:  # no unit has moved yet: every score 0, not NaN
+        assert torch.equal(mean, torch.zeros_like(norms))
+        return
+    assert float(mean.mean()) == pytest.approx(1.0)
+    # the same layer grown or shrunk by any factor scores the same: only the shape counts
+    assert torch.allclose(layer_scores(norms * factor, 2.0, "mean"), mean)
+    with pytest.raises(ValueError, match="score"):
+        layer_scores(norms, 2.0, "median")
+
+
+def test_the_mean_score_ranks_a_layer_whose_weights_grew_like_the_others():
+    # one layer's V ten times the other's: on the initial scale it takes almost every unit of
+    # the target, on the current mean each layer keeps its share of the above-typical units
+    model = conv_net()
+    kept = {}
+    for score in ("initial", "mean"):
+        opt, target = setup(copy.deepcopy(model), 0.5, 100, torch.zeros(1, 1, 8, 8),
+                            score=score, reserve=0)
+        params = opt.penalised_params()
+        g = torch.Generator().manual_seed(3)
+        for i, p in enumerate(params):
+            grow = 10.0 if i == 0 else 1.0
+            opt.state[p]["V"] = grow * torch.rand(p.shape, generator=g)
+        target._set_thresholds(0.5)
+        kept[score] = [unit_counts(opt.support(p), "group")[0] for p in params]
+    sizes = [p.shape[0] for p in opt.penalised_params()]
+    assert kept["initial"][0] == sizes[0]  # the grown layer whole
+    assert sum(kept["initial"]) == sum(kept["mean"])  # the same target
+    shares = [k / n for k, n in zip(kept["mean"], sizes)]
+    assert max(shares) - min(shares) < 0.5 and 0 < kept["mean"][0] < sizes[0]
 
 
 def test_a_reserve_is_a_whole_number_of_units():

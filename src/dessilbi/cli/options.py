@@ -73,6 +73,9 @@ _HELP = {
     "reserve": "with a target: each layer's N best filters / neurons come first in the "
                "ranking, inside the target's count (a narrow layer is not cut into a "
                "bottleneck; default 8, 0: the ranking alone)",
+    "score": "with a target: how the global ranking puts layers on one scale: initial "
+             "(default: a unit's ‖V_g‖ over its layer's initial mean unit norm) or mean (over "
+             "the layer's current mean ‖V_g‖)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

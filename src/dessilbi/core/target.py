@@ -46,10 +46,11 @@ from .penalties import get_penalty
 from .units import unit_counts
 
 __all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS",
-           "TARGET_PULLS", "group_pull"]
+           "SCORES", "TARGET_PULLS", "group_pull", "layer_scores"]
 
 SCHEDULES: tuple[str, ...] = ("grow", "shrink")
 ALLOCATIONS: tuple[str, ...] = ("global", "layer")
+SCORES: tuple[str, ...] = ("initial", "mean")
 CONV_OUTSIDE = "conv-outside"
 # The optimizer's pulls, and "outside" on the groups of convolution filters only.
 TARGET_PULLS: tuple[str, ...] = (*PULLS, CONV_OUTSIDE)
@@ -88,6 +89,19 @@ def support_fraction(step: int, select_step: int, density: float, schedule: str 
 def unit_norms(v: Tensor, penalty: str, group_norm: str = "l2") -> Tensor:
     """The norm the proximal map thresholds, one value per unit (filter / neuron / weight)."""
     return get_penalty(penalty).unit_norms(v, group_norm)
+
+
+def layer_scores(norms: Tensor, initial_scale: float, score: str) -> Tensor:
+    r"""A layer's units on the global ranking's common scale.
+
+    ``"initial"``: ‖V_g‖ / s₀, s₀ the mean unit norm of the layer's initial weights;
+    ``"mean"``: ‖V_g‖ / mean_h ‖V_h‖ over the layer's units now (a layer's typical unit scores
+    1 whatever its size or the growth of its weights during training; a layer with every
+    ‖V_g‖ = 0 scores 0)."""
+    if score not in SCORES:
+        raise ValueError(f"invalid score={score!r}: choose one of {SCORES}")
+    scale = initial_scale if score == "initial" else float(norms.mean())
+    return norms / scale if scale > 0 else torch.zeros_like(norms)
 
 
 def _threshold_keeping(norms: Tensor, k: int) -> float:
@@ -130,7 +144,7 @@ def _units_within_cost(scores: Tensor, sizes: list[int],
 
 def _check_arguments(density: float | None, macs: float | None, cost: object, total_steps: int,
                      select_at: float, path_speed: float, min_units: int, reserve: int,
-                     schedule: str,
+                     schedule: str, score: str,
                      allocation: str, pull: str | None, start_at: float,
                      settle: float, freeze: bool) -> None:
     """Raise ``ValueError`` naming the field for the first invalid argument of
@@ -162,6 +176,8 @@ def _check_arguments(density: float | None, macs: float | None, cost: object, to
             raise ValueError(f"invalid {field}={value!r}: {why}")
     if schedule not in SCHEDULES:
         raise ValueError(f"invalid schedule={schedule!r}: choose one of {SCHEDULES}")
+    if score not in SCORES:
+        raise ValueError(f"invalid score={score!r}: choose one of {SCORES}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"invalid allocation={allocation!r}: choose one of {ALLOCATIONS}")
     if settle and not freeze:
@@ -193,6 +209,9 @@ class SparsityTarget:
             (from none: the inverse scale space), see :func:`support_fraction`.
         allocation: ``"global"`` ranks units of all layers together by ‖V_g‖ over the layer's
             initial unit norm; ``"layer"`` keeps ``density`` of every layer.
+        score: with global allocation, how a layer's ‖V_g‖ are put on the common scale
+            (:func:`layer_scores`): ``"initial"`` (default) divides by the mean unit norm of
+            the layer's initial weights, ``"mean"`` by the layer's current mean ‖V_g‖.
         min_units: with global allocation, no layer keeps fewer units than this.
         reserve: with global allocation and a units target, each layer's ``reserve`` best
             units (all of a layer with fewer) come first in the ranking, inside the target's
@@ -261,6 +280,7 @@ class SparsityTarget:
         freeze: bool = True,
         schedule: str = "shrink",
         allocation: str = "global",
+        score: str = "initial",
         min_units: int = 1,
         reserve: int = 8,
         nu: float | str | None = "auto",
@@ -275,7 +295,8 @@ class SparsityTarget:
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         _check_arguments(density, macs, cost, total_steps, select_at, path_speed, min_units,
-                         reserve, schedule, allocation, pull, start_at, settle, freeze)
+                         reserve, schedule, score, allocation, pull, start_at, settle,
+                         freeze)
         self.optimizer = opt
         self.params = opt.penalised_params()
         if not self.params:
@@ -289,6 +310,7 @@ class SparsityTarget:
         self.start_step = round(start_at * total_steps)
         self.fix_step = self.select_step + round(settle * total_steps)
         self.schedule, self.allocation, self.min_units = schedule, allocation, min_units
+        self.score = score
         self.reserve = reserve
         self.update_every = update_every or max(1, self.select_step // 200)
         self.coupled = {id(p): list(v) for p, v in (coupled or {}).items()}
@@ -391,14 +413,15 @@ class SparsityTarget:
         return [max(kp, min(self.min_units, s)) for kp, s in zip(keep, sizes)]
 
     def _scores(self, norms: list[Tensor], reserve: int) -> Tensor:
-        """The global ranking: ‖V_g‖ over the layer's initial unit norm; the units of a
+        """The global ranking: :func:`layer_scores` (by default ‖V_g‖ over the layer's initial
+        unit norm); the units of a
         ``whole`` layer come first, as many of them as the run's progress (all by selection),
         and so do each layer's ``reserve`` best units."""
         progress = 1.0 if self.schedule == "shrink" else support_fraction(
             self.step_count, self.select_step, 1.0, "grow", self.start_step)
         scores = []
         for n, s, whole in zip(norms, self.scales, self.whole):
-            score = n / s
+            score = layer_scores(n, s, self.score)
             if whole:
                 first = torch.zeros(n.numel(), dtype=torch.bool, device=n.device)
                 ranked = torch.argsort(n, descending=True, stable=True)

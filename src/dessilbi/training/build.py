@@ -125,7 +125,7 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
         target = SparsityTarget(opt, cfg.target_density, steps, macs=cfg.target_macs, cost=cost,
                                 select_at=cfg.select_at, freeze=cfg.freeze, pull=cfg.pull,
                                 schedule=cfg.support, start_at=cfg.start_at,
-                                reserve=cfg.reserve,
+                                reserve=cfg.reserve, score=cfg.score,
                                 coupled=coupled_parameters(model, example),
                                 whole=_first_layer(model, example, opt, cfg.keep_first_layer))
     return Built(cfg, model, opt, make_scheduler(cfg.sched, opt), train_set, test_set, info,

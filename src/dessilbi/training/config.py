@@ -51,7 +51,7 @@ _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
 _NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support", "start_at",
-               "reserve"}
+               "reserve", "score"}
 # Defaults changed since runs were named, oldest first. With a target, the first (the default
 # when the key named nothing) keeps the names it gave and every other value names runs of its
 # own; without a target these settings compute nothing, and no default of any release names.
@@ -94,6 +94,7 @@ class TargetConfig:
     support: str = "shrink"  # how the support reaches the target: shrink (1 → D) or grow (0 → D)
     start_at: float = 0.0  # when the support starts moving towards the target (fraction of run)
     reserve: int = 8  # each layer's best units counted first in the ranking (narrow layers)
+    score: str = "initial"  # a layer's ‖V_g‖ over its initial unit norm, or its current mean
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ class TrainConfig:
         for f, choices in (("schedule", SCHEDULES), ("amp", AMP_MODES),
                            ("group_norm", ("l2", "rms")), ("conv_penalty", tuple(PENALTIES)),
                            ("pull", ("all", "outside", "conv-outside")),
-                           ("support", ("grow", "shrink")),
+                           ("support", ("grow", "shrink")), ("score", ("initial", "mean")),
                            ("linear_penalty", tuple(PENALTIES))):
             if getattr(self, f) not in choices:
                 raise bad(f, f"choose one of {', '.join(choices)}")
