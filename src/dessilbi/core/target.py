@@ -414,9 +414,8 @@ class SparsityTarget:
 
     def _scores(self, norms: list[Tensor], reserve: int) -> Tensor:
         """The global ranking: :func:`layer_scores` (by default ‖V_g‖ over the layer's initial
-        unit norm); the units of a
-        ``whole`` layer come first, as many of them as the run's progress (all by selection),
-        and so do each layer's ``reserve`` best units."""
+        unit norm); the units of a ``whole`` layer come first, as many of them as the run's
+        progress (all by selection), and so do each layer's ``reserve`` best units."""
         progress = 1.0 if self.schedule == "shrink" else support_fraction(
             self.step_count, self.select_step, 1.0, "grow", self.start_step)
         scores = []
