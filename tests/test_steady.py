@@ -162,3 +162,15 @@ def test_a_change_goes_back_to_the_general_path(change):
     assert torch.equal(*head)
     # back to replaying once the change is planned in, except off the kernel (fused=False)
     assert (replay_of(o1) is None) == (change == "eager")
+
+
+def test_a_step_the_kernel_did_not_take_is_not_replayed(monkeypatch):
+    # float32 CPU buckets routed as on CUDA (all groups together, eager): whatever the buckets
+    # could take, only a step that went through the kernel is replayed
+    monkeypatch.setattr(flat_plan, "batched_on", lambda device: True)
+    model = net()
+    opt = DessiLBI(lbi_param_groups(model), lr=0.05, momentum=0.9)
+    for x, y in batches(3):
+        backward(model, x, y)
+        opt.step()
+        assert replay_of(opt) is None

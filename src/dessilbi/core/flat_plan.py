@@ -78,14 +78,15 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
 
 
 def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
-                 param_groups: list[dict[str, Any]], work: Work) -> None:
+                 param_groups: list[dict[str, Any]], work: Work) -> bool:
     """The step of the flat buckets of every group in ``work`` ((index, group, plan)),
     rebuilding a bucket when its tensors or their state changed since the last step. On CUDA
     (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
     together and update together, stage by stage (:mod:`.together`), or, for the groups with
     ``fused=True`` where Triton is, one fused kernel per bucket (:mod:`.triton_update`); on
     the CPU group by group, one call of the compiled kernel per bucket (:mod:`.cpu_kernel`)
-    or the eager step bucket after bucket."""
+    or the eager step bucket after bucket. Returns whether every bucket took the compiled CPU
+    kernel (the step :mod:`.steady` can replay)."""
     by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Any]]]] = defaultdict(list)
     for index, group, planned in work:
         for key, params in planned.items():
@@ -94,12 +95,15 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
             if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
                 bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
             by_kind[key[2:]].append((index, bucket, states))  # (dtype, device)
+    native = True
     for kind, entries in by_kind.items():
         device = kind[1]
         if not batched_on(device):
             for index in dict.fromkeys(i for i, _, _ in entries):
-                _step(param_groups[index], [(b, sts) for i, b, sts in entries if i == index])
+                native &= _step(param_groups[index],
+                                [(b, sts) for i, b, sts in entries if i == index])
             continue
+        native = False
         transfer = _transfer(cache, kind, [b for _, b, _ in entries])
         transfer.copy_in()
         parts = {index: _part(param_groups[index], [(b, sts) for i, b, sts in entries
@@ -111,6 +115,7 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
         if parts:
             step_together(list(parts.values()))
         transfer.copy_out()
+    return native
 
 
 def _fused_step(cache: dict[Any, Any], parts: dict[int, Part], index: int) -> None:
@@ -154,15 +159,16 @@ def _part(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> Pa
                  for b, sts in held])
 
 
-def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> None:
+def _step(group: dict[str, Any], held: list[tuple[FlatBucket, list[Any]]]) -> bool:
     """One step of the buckets ``held`` (with their tensors' states) of ``group``: the compiled
     CPU kernel (:mod:`.cpu_kernel`) unless the group has ``fused=False`` or a bucket cannot
-    take it, else :func:`.flat.flat_step`, bucket after bucket."""
+    take it, else :func:`.flat.flat_step`, bucket after bucket; whether the kernel took it."""
     part = _part(group, held)
     if group["fused"] is not False and all(map(cpu_kernel.usable, part.buckets)):
         cpu_kernel.step_buckets(part.buckets, part.states, part.masks, part.lams, **part.hp)
-        return
+        return True
     for bucket, states, masks, lam in zip(part.buckets, part.states, part.masks, part.lams):
         # one bucket a call: its copies are built once (a list of buckets would build them
         # at every step)
         flat_step([bucket], [states], [masks], [lam], **part.hp)
+    return False

@@ -298,10 +298,12 @@ class DessiLBI(Optimizer):
                                 penalty=pen, foreach=group["foreach"],
                                 workspaces=self.__dict__.setdefault("_workspaces", {}), **hp)
                 bundle.store_buffers(group["momentum"])
-        if flat_work:
-            step_buckets(flat_cache, self.state, self.param_groups, flat_work)
-        flat_cache["steady"] = None if loose or not flat_work else SteadyStep.after(
-            self.param_groups, self.state, _buckets_of(flat_cache, self.param_groups, flat_work))
+        native = bool(flat_work) and step_buckets(flat_cache, self.state, self.param_groups,
+                                                  flat_work)
+        # replayed next time if every gradient took the compiled CPU kernel (core.steady)
+        flat_cache["steady"] = SteadyStep.after(
+            self.param_groups, self.state, _buckets_of(flat_cache, self.param_groups, flat_work)
+        ) if native and not loose else None
         if fused:
             from ._fused import fused_step
 

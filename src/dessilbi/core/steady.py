@@ -58,13 +58,9 @@ class SteadyStep:
     @classmethod
     def after(cls, param_groups: Sequence[dict[str, Any]], state: dict[Tensor, dict[str, Any]],
               buckets: Sequence[Sequence[FlatBucket]]) -> SteadyStep | None:
-        """The replay of the step just made, or ``None`` where the next step could not replay
-        it (a group off the kernel, a bucket a kernel cannot take, a gradient it cannot read)."""
-        if not any(buckets):
-            return None
-        for group, held in zip(param_groups, buckets):
-            if held and (group["fused"] is False or not all(map(cpu_kernel.usable, held))):
-                return None
+        """The replay of a step just made in which every bucket took the kernel, or ``None``
+        where the next step could not replay it (a gradient the kernel cannot read in place,
+        a bucket still to take its first step)."""
         steady = cls(param_groups, buckets)
         return steady if steady._inputs(param_groups, state) is not None else None
 
