@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dessilbi import DessiLBI, SparsityTarget, coupled_parameters, lbi_param_groups
-from dessilbi.core import cpu_kernel, flat_plan
+from dessilbi.core import cpu_kernel, flat_plan, optim
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here")
 
@@ -62,7 +62,7 @@ def test_the_steady_state_replays_without_planning(monkeypatch):
     opt.step()  # the general path: plans, builds the buckets and the replay
     assert replay_of(opt) is not None
     planned = []
-    monkeypatch.setattr(flat_plan, "plan_buckets", lambda *a: planned.append(a))
+    monkeypatch.setattr(optim, "plan_buckets", lambda *a: planned.append(a))
     for x, y in data[1:]:
         backward(model, x, y)
         opt.step()
