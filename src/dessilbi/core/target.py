@@ -211,7 +211,12 @@ class SparsityTarget:
             initial unit norm; ``"layer"`` keeps ``density`` of every layer.
         score: with global allocation, how a layer's ‖V_g‖ are put on the common scale
             (:func:`layer_scores`): ``"initial"`` (default) divides by the mean unit norm of
-            the layer's initial weights, ``"mean"`` by the layer's current mean ‖V_g‖.
+            the layer's initial weights, ``"mean"`` by the layer's current mean ‖V_g‖. On
+            Conv-4 / Fashion-MNIST ``"mean"`` keeps more filters in the convolutions and
+            scored 91.72 / 92.15 / 92.21 % against 91.56 / 92.13 / 91.98 % (seed 1 at 30 /
+            50 % of units, seed 2 at 30 %); on
+            LeNet-5 it starves the second convolution and lost 0.33 points on the mean of 18
+            cells (docs/peers.md).
         min_units: with global allocation, no layer keeps fewer units than this.
         reserve: with global allocation and a units target, each layer's ``reserve`` best
             units (all of a layer with fewer) come first in the ranking, inside the target's
