@@ -78,16 +78,19 @@ def plan_buckets(cache: dict[Any, Any], index: int, group: dict[str, Any],
 
 
 def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
-                 param_groups: list[dict[str, Any]], work: Work) -> bool:
+                 param_groups: list[dict[str, Any]], work: Work,
+                 ) -> list[list[FlatBucket]] | None:
     """The step of the flat buckets of every group in ``work`` ((index, group, plan)),
     rebuilding a bucket when its tensors or their state changed since the last step. On CUDA
     (:func:`.flat.batched_on`) the buckets of all groups copy their tensors in and out
     together and update together, stage by stage (:mod:`.together`), or, for the groups with
     ``fused=True`` where Triton is, one fused kernel per bucket (:mod:`.triton_update`); on
     the CPU group by group, one call of the compiled kernel per bucket (:mod:`.cpu_kernel`)
-    or the eager step bucket after bucket. Returns whether every bucket took the compiled CPU
-    kernel (the step :mod:`.steady` can replay)."""
+    or the eager step bucket after bucket. Returns each group's buckets (by index in
+    ``param_groups``) if every bucket took the compiled CPU kernel (the step :mod:`.steady`
+    can replay), else ``None``."""
     by_kind: dict[tuple[Any, ...], list[tuple[int, FlatBucket, list[Any]]]] = defaultdict(list)
+    used: list[list[FlatBucket]] = [[] for _ in param_groups]
     for index, group, planned in work:
         for key, params in planned.items():
             states = list(map(state.__getitem__, params))
@@ -95,6 +98,7 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
             if bucket is None or not bucket.holds(params, states, group["momentum"] != 0.0):
                 bucket = cache[(index, key)] = FlatBucket(params, states, key[0], key[1])
             by_kind[key[2:]].append((index, bucket, states))  # (dtype, device)
+            used[index].append(bucket)
     native = True
     for kind, entries in by_kind.items():
         device = kind[1]
@@ -115,7 +119,7 @@ def step_buckets(cache: dict[Any, Any], state: dict[Tensor, dict[str, Any]],
         if parts:
             step_together(list(parts.values()))
         transfer.copy_out()
-    return native
+    return used if native else None
 
 
 def _fused_step(cache: dict[Any, Any], parts: dict[int, Part], index: int) -> None:

@@ -42,7 +42,6 @@ from torch.optim import Optimizer
 
 from .bundle import Bundle
 from .checks import PULLS, check_grad, check_group, check_params
-from .flat import FlatBucket
 from .flat_plan import plan_buckets, step_buckets
 from .penalties import prox
 from .steady import SteadyStep
@@ -263,26 +262,11 @@ class DessiLBI(Optimizer):
         flat_work: list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]] = []
         loose = False  # a gradient outside the flat buckets
         for index, group in enumerate(self.param_groups):
-            # A tensor with its own threshold (state["lambda_"], set by SparsityTarget) forms a
-            # bundle of its own, so the kernels keep one λ per call.
-            bundles: dict[tuple[str, float], Bundle] = defaultdict(Bundle)
             buckets, others = plan_buckets(flat_cache, index, group, resolve_penalty) \
                 if _flat_default(group) else ({}, group["params"])
             compiles = _compiles(group, others)
-            for p in others:
-                if p.grad is None:
-                    continue
-                loose = True
-                check_grad(p.grad)
-                state = self.state[p]
-                pen = resolve_penalty(group["penalty"], p)
-                if pen != "none" and "V" not in state:
-                    state["V"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                mask = state.get("mask")
-                if mask is not None:
-                    masked.append((p, mask))
-                bundles[(pen, state.get("lambda_", group["lambda_"]))].add(
-                    p, state, mask, group["maximize"])
+            bundles = self._bundles(group, others, masked)
+            loose |= bool(bundles)
             if buckets:
                 flat_work.append((index, group, buckets))
             for (pen, lam), bundle in bundles.items():
@@ -298,12 +282,11 @@ class DessiLBI(Optimizer):
                                 penalty=pen, foreach=group["foreach"],
                                 workspaces=self.__dict__.setdefault("_workspaces", {}), **hp)
                 bundle.store_buffers(group["momentum"])
-        native = bool(flat_work) and step_buckets(flat_cache, self.state, self.param_groups,
-                                                  flat_work)
+        kernel_buckets = step_buckets(flat_cache, self.state, self.param_groups, flat_work) \
+            if flat_work else None
         # replayed next time if every gradient took the compiled CPU kernel (core.steady)
-        flat_cache["steady"] = SteadyStep.after(
-            self.param_groups, self.state, _buckets_of(flat_cache, self.param_groups, flat_work)
-        ) if native and not loose else None
+        flat_cache["steady"] = SteadyStep.after(self.param_groups, self.state, kernel_buckets) \
+            if kernel_buckets is not None and not loose else None
         if fused:
             from ._fused import fused_step
 
@@ -313,6 +296,28 @@ class DessiLBI(Optimizer):
         for p, mask in masked:  # entries outside a fixed mask stay exactly zero
             p.mul_(mask)
         return loss
+
+    def _bundles(self, group: dict[str, Any], others: list[Tensor],
+                 masked: list[tuple[Tensor, Tensor]]) -> dict[tuple[str, float], Bundle]:
+        """The tensors of ``group`` outside the flat buckets that have a gradient, in bundles
+        by (penalty, λ) (a tensor with its own threshold, ``state["lambda_"]`` set by
+        SparsityTarget, forms a bundle of its own, so the kernels keep one λ per call); their
+        fixed masks are added to ``masked``."""
+        bundles: dict[tuple[str, float], Bundle] = defaultdict(Bundle)
+        for p in others:
+            if p.grad is None:
+                continue
+            check_grad(p.grad)
+            state = self.state[p]
+            pen = resolve_penalty(group["penalty"], p)
+            if pen != "none" and "V" not in state:
+                state["V"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            mask = state.get("mask")
+            if mask is not None:
+                masked.append((p, mask))
+            bundles[(pen, state.get("lambda_", group["lambda_"]))].add(
+                p, state, mask, group["maximize"])
+        return bundles
 
     def set_mask(self, param: Tensor, mask: Tensor | None) -> None:
         """Fix ``param``'s entries outside ``mask`` at zero from now on (``None`` lifts it).
@@ -404,16 +409,6 @@ class DessiLBI(Optimizer):
         if total == 0:
             return 0.0
         return float(sum(int(m.sum()) for m in masks.values())) / total
-
-
-def _buckets_of(cache: dict[Any, Any], param_groups: list[dict[str, Any]],
-                work: list[tuple[int, dict[str, Any], dict[tuple[Any, ...], list[Tensor]]]],
-                ) -> list[list[FlatBucket]]:
-    """The flat buckets each group's step used (``work``: (index, group, plan))."""
-    held: list[list[FlatBucket]] = [[] for _ in param_groups]
-    for index, _, planned in work:
-        held[index] = [cache[(index, key)] for key in planned]
-    return held
 
 
 def _compiles(group: dict[str, Any], others: list[Tensor]) -> bool:
