@@ -80,6 +80,7 @@ class Setup:
     device: str = "cpu"  # where every method trains (the initial weights are made on the CPU)
     reserve: int = 8  # SparsityTarget: each layer's best units counted first (narrow layers)
     score: str = "initial"  # SparsityTarget: a layer's ‖V_g‖ over its initial / current mean
+    width_prior: float = 0.0  # SparsityTarget: scores × (mean layer width / layer width)^this
 
 
 @dataclass
@@ -200,7 +201,8 @@ def run_dessilbi(setup: Setup, data: Data, init: dict[str, Tensor], target: floa
                          coupled=coupled_parameters(model, example),
                          whole=[stem_of(model, example).weight] if setup.whole_first else (),
                          fade=setup.fade, start_at=setup.start_at, settle=setup.settle,
-                         reserve=setup.reserve, score=setup.score)
+                         reserve=setup.reserve, score=setup.score,
+                         width_prior=setup.width_prior)
     head_name = name_of(model, head)
 
     def after_epoch(epoch: int) -> None:
@@ -370,6 +372,9 @@ def main() -> None:
     ap.add_argument("--score", default="initial", choices=SCORES,
                     help="SparsityTarget's global score: a layer's ‖V_g‖ over its initial "
                          "mean unit norm (the default) or over its current mean ‖V_g‖")
+    ap.add_argument("--width-prior", type=float, default=0.0,
+                    help="SparsityTarget multiplies a layer's scores by (mean layer width / "
+                         "its width)^P (0: the rows without a width_prior field)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
                     "trains, from the same initial weights")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
@@ -386,7 +391,8 @@ def main() -> None:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
                       args.whole_first, args.pull, args.select_at, args.support, args.fade,
-                      args.start_at, args.settle, args.device, args.reserve, args.score)
+                      args.start_at, args.settle, args.device, args.reserve, args.score,
+                      args.width_prior)
         data = load_data(setup)
         torch.manual_seed(seed)
         init = copy.deepcopy(create_model(setup.model, 10, 1, 28).state_dict())  # on the CPU

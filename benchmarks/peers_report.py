@@ -91,6 +91,8 @@ def setting(row: dict[str, Any]) -> str:
         parts.append(f"reserve {row['reserve']}")
     if row.get("score", "initial") != "initial":
         parts.append(f"score {row['score']}")
+    if row.get("width_prior"):
+        parts.append(f"width prior {row['width_prior']:g}")
     if row.get("ranking"):  # an allocation given by hand or another ranking, as screened
         parts.append(row["ranking"])
     return " / ".join(parts)

@@ -42,12 +42,21 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     assert aimed.replace(reserve=0).run_name() != aimed.run_name()
     assert aimed.replace(score="initial").run_name() == aimed.run_name()  # score came later
     assert aimed.replace(score="mean").run_name() != aimed.run_name()
+    assert aimed.replace(width_prior=0.0).run_name() == aimed.run_name()  # came later
+    assert aimed.replace(width_prior=0.25).run_name() != aimed.run_name()
 
 
 def test_a_score_is_one_of_the_rankings():
     TrainConfig(**AIMED, score="mean").validate()
     with pytest.raises(ConfigError, match="score"):
         TrainConfig(**AIMED, score="median").validate()
+
+
+def test_a_width_prior_is_a_number_of_zero_or_more():
+    TrainConfig(**AIMED, width_prior=0.25).validate()
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ConfigError, match="width_prior"):
+            TrainConfig(**AIMED, width_prior=bad).validate()
 
 
 @pytest.mark.parametrize("reserve", [-1, 2.5, True])

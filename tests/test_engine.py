@@ -402,6 +402,14 @@ def test_the_score_reaches_sparsity_target(tmp_path):
     assert b.target.score == "mean"
 
 
+def test_the_width_prior_reaches_sparsity_target(tmp_path):
+    from dessilbi.training.build import build
+
+    b = build(cfg(tmp_path, model="lenet5", target_density=0.5, linear_penalty="group",
+                  keep_classifier=True, width_prior=0.25))
+    assert b.target.width_prior == 0.25
+
+
 def test_target_resume_equals_uninterrupted(tmp_path, monkeypatch):
     kw = dict(model="lenet5", target_density=0.4, linear_penalty="group", keep_classifier=True,
               epochs=3)

@@ -30,6 +30,9 @@ def test_a_row_lacking_a_setting_reads_as_the_value_it_had_then():
                                     select_at=0.3, score="mean")) == \
         "dessilbi shrink / outside / 0.3 / score mean"
     assert peers_report.setting(row("dessilbi", 0, 90.0, support="shrink", pull="outside",
+                                    select_at=0.3, width_prior=0.25)) == \
+        "dessilbi shrink / outside / 0.3 / width prior 0.25"
+    assert peers_report.setting(row("dessilbi", 0, 90.0, support="shrink", pull="outside",
                                     select_at=0.3, settle=0.1)) == \
         "dessilbi shrink / outside / 0.3 / settle 0.1"
     assert peers_report.setting(row("dessilbi", 0, 90.0, support="shrink", pull="outside",

@@ -14,7 +14,7 @@ from dessilbi import (
     lbi_param_groups,
     support_fraction,
 )
-from dessilbi.core.target import group_pull, layer_scores, unit_norms
+from dessilbi.core.target import group_pull, layer_scores, unit_norms, width_factors
 from dessilbi.core.units import stem_of, unit_counts
 from dessilbi.zoo.models import create_model
 
@@ -531,3 +531,43 @@ def test_the_stem_is_the_first_layer_called_not_the_first_registered():
     model = Late()
     assert stem_of(model, torch.zeros(1, 1, 5, 5)) is model.stem
     assert stem_of(nn.Sequential(nn.ReLU()), torch.zeros(1, 3)) is None
+
+
+@given(st.lists(st.integers(1, 4096), min_size=1, max_size=12), st.floats(0.0, 2.0))
+def test_width_factors_rank_narrow_layers_up(widths, power):
+    factors = width_factors(widths, power)
+    mean_width = sum(widths) / len(widths)
+    for w, f in zip(widths, factors):
+        assert f == pytest.approx((mean_width / w) ** power)
+    # the narrower layer never gets the smaller factor, and power 0 changes nothing
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    assert all(factors[i] >= factors[j] * (1 - 1e-12) for i, j in zip(order, order[1:]))
+    assert width_factors(widths, 0.0) == [1.0] * len(widths)
+
+
+def test_a_width_prior_moves_units_to_the_narrow_layers():
+    # every unit of the 12-, 16- and 32-wide layers scores alike on the common scale: without
+    # the prior the count spreads by width, with it the narrow layers keep more, the count
+    # unchanged
+    model = conv_net()
+    kept = {}
+    for prior in (0.0, 0.5):
+        opt, target = setup(copy.deepcopy(model), 0.5, 100, torch.zeros(1, 1, 8, 8),
+                            reserve=0, width_prior=prior)
+        g = torch.Generator().manual_seed(5)
+        for p, s in zip(opt.penalised_params(), target.scales):
+            rows = 1.0 + 0.01 * torch.rand(p.shape[0], generator=g)
+            v = torch.randn(p.shape, generator=g)
+            opt.state[p]["V"] = v / unit_norms(v, "group").view(-1, *[1] * (v.dim() - 1)) \
+                * (s * rows).view(-1, *[1] * (v.dim() - 1))
+        target._set_thresholds(0.5)
+        kept[prior] = [unit_counts(opt.support(p), "group")[0] for p in opt.penalised_params()]
+    assert sum(kept[0.0]) == sum(kept[0.5])
+    assert kept[0.5][0] > kept[0.0][0] and kept[0.5][-1] < kept[0.0][-1]
+
+
+def test_a_width_prior_is_a_number_of_zero_or_more():
+    opt = DessiLBI(lbi_param_groups(conv_net()), lr=0.1)
+    for bad in (-0.5, math.inf, True, "0.25"):
+        with pytest.raises(ValueError, match="width_prior"):
+            SparsityTarget(opt, 0.5, 10, width_prior=bad)

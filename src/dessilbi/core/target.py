@@ -46,7 +46,7 @@ from .penalties import get_penalty
 from .units import unit_counts
 
 __all__ = ["SparsityTarget", "support_fraction", "unit_norms", "SCHEDULES", "ALLOCATIONS",
-           "SCORES", "TARGET_PULLS", "group_pull", "layer_scores"]
+           "SCORES", "TARGET_PULLS", "group_pull", "layer_scores", "width_factors"]
 
 SCHEDULES: tuple[str, ...] = ("grow", "shrink")
 ALLOCATIONS: tuple[str, ...] = ("global", "layer")
@@ -104,6 +104,15 @@ def layer_scores(norms: Tensor, initial_scale: float, score: str) -> Tensor:
     return norms / scale if scale > 0 else torch.zeros_like(norms)
 
 
+def width_factors(widths: Sequence[int], power: float) -> list[float]:
+    r"""The factor (w̄ / w_l)^power of each layer's scores, w_l its number of units and w̄ the
+    mean over the layers: with ``power`` > 0 a unit of a narrow layer, which carries a larger
+    share of its layer's output, ranks above a unit of a wide layer that scores the same on
+    the common scale; 0 leaves the scores as they are."""
+    mean_width = sum(widths) / len(widths)
+    return [(mean_width / w) ** power for w in widths]
+
+
 def _threshold_keeping(norms: Tensor, k: int) -> float:
     """The smallest λ with exactly ``k`` norms > λ (ties aside): the (k+1)-th largest norm."""
     n = norms.numel()
@@ -144,7 +153,7 @@ def _units_within_cost(scores: Tensor, sizes: list[int],
 
 def _check_arguments(density: float | None, macs: float | None, cost: object, total_steps: int,
                      select_at: float, path_speed: float, min_units: int, reserve: int,
-                     schedule: str, score: str,
+                     schedule: str, score: str, width_prior: float,
                      allocation: str, pull: str | None, start_at: float,
                      settle: float, freeze: bool) -> None:
     """Raise ``ValueError`` naming the field for the first invalid argument of
@@ -170,6 +179,8 @@ def _check_arguments(density: float | None, macs: float | None, cost: object, to
          "must be an integer >= 0"),
         ("reserve", reserve, isinstance(reserve, int) and reserve >= 0,
          "must be an integer >= 0"),
+        ("width_prior", width_prior, isinstance(width_prior, int | float)
+         and 0.0 <= width_prior < math.inf, "must be a number >= 0"),
     ]
     for field, value, ok, why in checks:
         if isinstance(value, bool) or not ok:
@@ -217,6 +228,10 @@ class SparsityTarget:
             50 % of units, seed 2 at 30 %); on
             LeNet-5 it starves the second convolution and lost 0.33 points on the mean of 18
             cells (docs/peers.md).
+        width_prior: with global allocation, each layer's scores are multiplied by
+            (w̄ / w_l)^width_prior (:func:`width_factors`; w_l the layer's units, w̄ their
+            mean over the layers), so that the units of narrow layers rank higher. Default 0
+            (the scores as they are).
         min_units: with global allocation, no layer keeps fewer units than this.
         reserve: with global allocation and a units target, each layer's ``reserve`` best
             units (all of a layer with fewer) come first in the ranking, inside the target's
@@ -286,6 +301,7 @@ class SparsityTarget:
         schedule: str = "shrink",
         allocation: str = "global",
         score: str = "initial",
+        width_prior: float = 0.0,
         min_units: int = 1,
         reserve: int = 8,
         nu: float | str | None = "auto",
@@ -300,8 +316,8 @@ class SparsityTarget:
     ) -> None:
         opt = unwrap_optimizer(optimizer)
         _check_arguments(density, macs, cost, total_steps, select_at, path_speed, min_units,
-                         reserve, schedule, score, allocation, pull, start_at, settle,
-                         freeze)
+                         reserve, schedule, score, width_prior, allocation, pull, start_at,
+                         settle, freeze)
         self.optimizer = opt
         self.params = opt.penalised_params()
         if not self.params:
@@ -315,7 +331,7 @@ class SparsityTarget:
         self.start_step = round(start_at * total_steps)
         self.fix_step = self.select_step + round(settle * total_steps)
         self.schedule, self.allocation, self.min_units = schedule, allocation, min_units
-        self.score = score
+        self.score, self.width_prior = score, width_prior
         self.reserve = reserve
         self.update_every = update_every or max(1, self.select_step // 200)
         self.coupled = {id(p): list(v) for p, v in (coupled or {}).items()}
@@ -424,8 +440,9 @@ class SparsityTarget:
         progress = 1.0 if self.schedule == "shrink" else support_fraction(
             self.step_count, self.select_step, 1.0, "grow", self.start_step)
         scores = []
-        for n, s, whole in zip(norms, self.scales, self.whole):
-            score = layer_scores(n, s, self.score)
+        factors = width_factors([n.numel() for n in norms], self.width_prior)
+        for n, s, whole, factor in zip(norms, self.scales, self.whole, factors):
+            score = layer_scores(n, s, self.score) * factor
             if whole:
                 first = torch.zeros(n.numel(), dtype=torch.bool, device=n.device)
                 ranked = torch.argsort(n, descending=True, stable=True)

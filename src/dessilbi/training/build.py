@@ -126,6 +126,7 @@ def build(cfg: TrainConfig, d: Dist | None = None) -> Built:
                                 select_at=cfg.select_at, freeze=cfg.freeze, pull=cfg.pull,
                                 schedule=cfg.support, start_at=cfg.start_at,
                                 reserve=cfg.reserve, score=cfg.score,
+                                width_prior=cfg.width_prior,
                                 coupled=coupled_parameters(model, example),
                                 whole=_first_layer(model, example, opt, cfg.keep_first_layer))
     return Built(cfg, model, opt, make_scheduler(cfg.sched, opt), train_set, test_set, info,

@@ -51,7 +51,7 @@ _NOT_HASHED = {"runs_dir", "name", "device", "workers", "log_every", "data_dir",
                "progress", "tensorboard"}
 # Keys added since the first release: left out of the hash of older run folders' names.
 _NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support", "start_at",
-               "reserve", "score"}
+               "reserve", "score", "width_prior"}
 # Defaults changed since runs were named, oldest first. With a target, the first (the default
 # when the key named nothing) keeps the names it gave and every other value names runs of its
 # own; without a target these settings compute nothing, and no default of any release names.
@@ -95,6 +95,7 @@ class TargetConfig:
     start_at: float = 0.0  # when the support starts moving towards the target (fraction of run)
     reserve: int = 8  # each layer's best units counted first in the ranking (narrow layers)
     score: str = "initial"  # a layer's ‖V_g‖ over its initial unit norm, or its current mean
+    width_prior: float = 0.0  # scores × (mean layer width / layer width)^width_prior
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,9 @@ class TrainConfig:
         if isinstance(self.reserve, bool) or not isinstance(self.reserve, int) \
                 or self.reserve < 0:
             raise bad("reserve", "must be a whole number of units >= 0")
+        if isinstance(self.width_prior, bool) or not isinstance(self.width_prior, int | float) \
+                or not 0 <= self.width_prior < math.inf:
+            raise bad("width_prior", "must be a number >= 0")
         if self.lambda_conv is not None and not self.lambda_conv >= 0:
             raise bad("lambda_conv", "must be >= 0")
         if not 0 <= self.momentum < 1:
