@@ -80,7 +80,7 @@ class Setup:
     device: str = "cpu"  # where every method trains (the initial weights are made on the CPU)
     reserve: int = 8  # SparsityTarget: each layer's best units counted first (narrow layers)
     score: str = "initial"  # SparsityTarget: a layer's ‖V_g‖ over its initial / current mean
-    width_prior: float = 0.0  # SparsityTarget: scores × (mean layer width / layer width)^this
+    width_prior: float = 0.25  # SparsityTarget: scores × (mean layer width / layer width)^this
 
 
 @dataclass
@@ -372,9 +372,9 @@ def main() -> None:
     ap.add_argument("--score", default="initial", choices=SCORES,
                     help="SparsityTarget's global score: a layer's ‖V_g‖ over its initial "
                          "mean unit norm (the default) or over its current mean ‖V_g‖")
-    ap.add_argument("--width-prior", type=float, default=0.0,
+    ap.add_argument("--width-prior", type=float, default=0.25,
                     help="SparsityTarget multiplies a layer's scores by (mean layer width / "
-                         "its width)^P (0: the rows without a width_prior field)")
+                         "its width)^P (default 0.25; 0: the rows without a width_prior field)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
                     "trains, from the same initial weights")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")

@@ -14,7 +14,8 @@ NAMED_BEFORE = [
     (dict(dataset="digits", epochs=3, lr=0.05),
      "digits_lenet3_dessilbi_k1_nuauto_lam1_lr0.05_e3_s0_3823b232", "ee0aab3f"),
     (dict(dataset="fashion-mnist", model="conv4", target_density=0.3, milestones=[3, 5],
-          schedule="multistep", pull="all", select_at=0.5, support="grow", reserve=0),
+          schedule="multistep", pull="all", select_at=0.5, support="grow", reserve=0,
+          width_prior=0.0),
      # the defaults when it was named
      "fashion-mnist_conv4_dessilbi_units0.3_lr0.1_e20_s0_ceb8e238", "85304f6b"),
     (dict(dataset="mnist", optimizer="sgd", exclude=["fc"]),
@@ -42,8 +43,9 @@ def test_a_new_option_names_a_run_only_away_from_its_default():
     assert aimed.replace(reserve=0).run_name() != aimed.run_name()
     assert aimed.replace(score="initial").run_name() == aimed.run_name()  # score came later
     assert aimed.replace(score="mean").run_name() != aimed.run_name()
-    assert aimed.replace(width_prior=0.0).run_name() == aimed.run_name()  # came later
-    assert aimed.replace(width_prior=0.25).run_name() != aimed.run_name()
+    # width_prior came later with the default 0.25 (0 before it existed): 0 names what it named
+    assert aimed.replace(width_prior=0.0).run_name() != aimed.run_name()
+    assert aimed.replace(width_prior=0.5).run_name() != aimed.run_name()
 
 
 def test_a_score_is_one_of_the_rankings():
@@ -74,26 +76,32 @@ def test_start_at_must_come_before_the_selection(start_at):
 # Aimed runs named before a default changed, and the settings they were named with.
 AIMED = dict(dataset="fashion-mnist", model="conv4", target_density=0.3)
 AIMED_BEFORE = [
-    (dict(pull="all", select_at=0.5, support="grow", reserve=0), "15f3bdb9"),  # the first
-    (dict(pull="conv-outside", select_at=0.5, support="grow", reserve=0), "2b8cd2e8"),  # next
-    (dict(pull="outside", select_at=0.3, support="shrink", reserve=0),
+    (dict(pull="all", select_at=0.5, support="grow", reserve=0, width_prior=0.0),
+     "15f3bdb9"),  # the first
+    (dict(pull="conv-outside", select_at=0.5, support="grow", reserve=0, width_prior=0.0),
+     "2b8cd2e8"),  # next
+    (dict(pull="outside", select_at=0.3, support="shrink", reserve=0, width_prior=0.0),
      "d773be77"),  # chosen by hand then, before the reserve
-    (dict(pull="outside", select_at=0.3, support="shrink", reserve=8), "92d924be"),  # today's
+    (dict(pull="outside", select_at=0.3, support="shrink", reserve=8, width_prior=0.0),
+     "92d924be"),  # before the width prior
+    (dict(pull="outside", select_at=0.3, support="shrink", reserve=8, width_prior=0.25),
+     "faf19110"),  # today's
 ]
 
 
 @pytest.mark.parametrize("settings, named", AIMED_BEFORE)
 def test_a_changed_default_keeps_the_names_runs_were_given(settings, named):
     """pull ("all" → "conv-outside" → "outside"), select_at (0.5 → 0.3), support ("grow" →
-    "shrink") and reserve (none, 0 → 8) changed their defaults: every run keeps the name it
-    was given, so a run aimed with today's defaults is the one named with those settings
-    spelled out."""
+    "shrink"), reserve (none, 0 → 8) and width_prior (none, 0 → 0.25) changed their defaults:
+    every run keeps the name it was given, so a run aimed with today's defaults is the one
+    named with those settings spelled out."""
     assert TrainConfig(**AIMED, **settings).run_name().endswith("_" + named)
-    assert TrainConfig(**AIMED).run_name().endswith("_92d924be")
+    assert TrainConfig(**AIMED).run_name().endswith("_faf19110")
 
 
 @pytest.mark.parametrize("key, former", [("pull", "all"), ("select_at", 0.5),
-                                         ("support", "grow"), ("reserve", 0)])
+                                         ("support", "grow"), ("reserve", 0),
+                                         ("width_prior", 0.0)])
 def test_without_a_target_a_changed_default_names_nothing(key, former):
     plain = TrainConfig(dataset="digits", epochs=3, lr=0.05)
     assert plain.replace(**{key: former}).run_name() == plain.run_name()

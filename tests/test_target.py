@@ -14,7 +14,7 @@ from dessilbi import (
     lbi_param_groups,
     support_fraction,
 )
-from dessilbi.core.target import group_pull, layer_scores, unit_norms, width_factors
+from dessilbi.core.target import group_pull, unit_norms
 from dessilbi.core.units import stem_of, unit_counts
 from dessilbi.zoo.models import create_model
 
@@ -372,6 +372,25 @@ def test_a_macs_target_is_hit_by_the_pruned_network(name, shape, macs):
     assert achieved == pytest.approx(macs, abs=0.03)
 
 
+def test_a_macs_target_ranks_by_the_scores_alone():
+    # the width prior, like the reserve, guards a units target: a MACs target chooses the same
+    # units whatever the prior
+    from dessilbi.structure.cost import MacsModel
+
+    example = torch.randn(1, 1, 28, 28)
+    batches = data(3, shape=(1, 28, 28))
+    kept = {}
+    for prior in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = create_model("lenet5", 10, 1, 28)
+        opt = DessiLBI(lbi_param_groups(model, example_inputs=example), lr=0.05)
+        cost = MacsModel.from_model(model, example, opt.penalised_params())
+        target = SparsityTarget(opt, None, 3, macs=0.4, cost=cost, width_prior=prior)
+        run(model, opt, target, batches)
+        kept[prior] = [opt.support(p).clone() for p in opt.penalised_params()]
+    assert all(torch.equal(a, b) for a, b in zip(kept[0.0], kept[1.0]))
+
+
 def test_a_macs_target_needs_a_cost_model_and_whole_units():
     model = conv_net()
     example = torch.randn(1, 1, 8, 8)
@@ -451,31 +470,14 @@ def test_a_reserve_keeps_each_layers_best_units_inside_the_target():
     for reserve in (0, 8):
         torch.manual_seed(0)
         model = create_model("lenet5", 10, 1, 28)
-        opt, target = setup(model, 0.3, 6, batches[0][0][:1], select_at=0.5, reserve=reserve)
+        opt, target = setup(model, 0.3, 6, batches[0][0][:1], select_at=0.5, reserve=reserve,
+                            width_prior=0.0)
         run(model, opt, target, batches[:6])
         assert target.frozen
         kept[reserve] = kept_per_layer(opt)
         assert target.unit_density() == pytest.approx(0.3, abs=0.03)
     assert kept[0][0] < 6
     assert kept[8][0] == 6 and min(kept[8][1:]) >= 8 and sum(kept[8]) == sum(kept[0])
-
-
-# norms of 0 (units that never moved) or of a size V reaches; not subnormals, which a factor
-# of 1/2 rounds to 0
-@given(st.lists(st.just(0.0) | st.floats(1e-6, 1e3), min_size=1, max_size=20),
-       st.floats(1e-3, 1e3))
-def test_layer_scores_put_a_layer_on_the_common_scale(values, factor):
-    norms = torch.tensor(values, dtype=torch.float64)
-    assert torch.equal(layer_scores(norms, 2.0, "initial"), norms / 2.0)
-    mean = layer_scores(norms, 2.0, "mean")
-    if norms.sum() == 0:  # no unit has moved yet: every score 0, not NaN
-        assert torch.equal(mean, torch.zeros_like(norms))
-        return
-    assert float(mean.mean()) == pytest.approx(1.0)
-    # the same layer grown or shrunk by any factor scores the same: only the shape counts
-    assert torch.allclose(layer_scores(norms * factor, 2.0, "mean"), mean)
-    with pytest.raises(ValueError, match="score"):
-        layer_scores(norms, 2.0, "median")
 
 
 def test_the_mean_score_ranks_a_layer_whose_weights_grew_like_the_others():
@@ -485,7 +487,7 @@ def test_the_mean_score_ranks_a_layer_whose_weights_grew_like_the_others():
     kept = {}
     for score in ("initial", "mean"):
         opt, target = setup(copy.deepcopy(model), 0.5, 100, torch.zeros(1, 1, 8, 8),
-                            score=score, reserve=0)
+                            score=score, reserve=0, width_prior=0.0)
         params = opt.penalised_params()
         g = torch.Generator().manual_seed(3)
         for i, p in enumerate(params):
@@ -507,17 +509,6 @@ def test_a_reserve_is_a_whole_number_of_units():
             SparsityTarget(opt, 0.5, 10, reserve=bad)
 
 
-def test_the_reserves_take_at_most_half_the_units_kept():
-    from dessilbi.core.target import _reserve_within
-
-    resnet56 = [16] * 19 + [32] * 18 + [64] * 18  # its 55 penalised layers, 2,032 units
-    assert _reserve_within(8, resnet56, 0.1) == 1  # 55 of the 203 units kept, not 440
-    assert _reserve_within(8, resnet56, 0.5) == 8
-    lenet5 = [6, 16, 120, 84]
-    assert _reserve_within(8, lenet5, 0.3) == 8  # 30 units of 68: not binding
-    assert _reserve_within(8, lenet5, 0.1) == 2 and _reserve_within(0, lenet5, 1.0) == 0
-
-
 def test_the_stem_is_the_first_layer_called_not_the_first_registered():
     class Late(nn.Module):
         def __init__(self):
@@ -531,18 +522,6 @@ def test_the_stem_is_the_first_layer_called_not_the_first_registered():
     model = Late()
     assert stem_of(model, torch.zeros(1, 1, 5, 5)) is model.stem
     assert stem_of(nn.Sequential(nn.ReLU()), torch.zeros(1, 3)) is None
-
-
-@given(st.lists(st.integers(1, 4096), min_size=1, max_size=12), st.floats(0.0, 2.0))
-def test_width_factors_rank_narrow_layers_up(widths, power):
-    factors = width_factors(widths, power)
-    mean_width = sum(widths) / len(widths)
-    for w, f in zip(widths, factors):
-        assert f == pytest.approx((mean_width / w) ** power)
-    # the narrower layer never gets the smaller factor, and power 0 changes nothing
-    order = sorted(range(len(widths)), key=lambda i: widths[i])
-    assert all(factors[i] >= factors[j] * (1 - 1e-12) for i, j in zip(order, order[1:]))
-    assert width_factors(widths, 0.0) == [1.0] * len(widths)
 
 
 def test_a_width_prior_moves_units_to_the_narrow_layers():

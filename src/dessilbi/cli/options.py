@@ -77,7 +77,8 @@ _HELP = {
              "(default: a unit's ‖V_g‖ over its layer's initial mean unit norm) or mean (over "
              "the layer's current mean ‖V_g‖)",
     "width_prior": "with a target: multiply a layer's scores by (mean layer width / its "
-                   "width)^P, so that the units of narrow layers rank higher (default 0)",
+                   "width)^P, so that the units of narrow layers rank higher (default 0.25, 0: "
+                   "the scores alone)",
     "keep_classifier": "leave the layer that produces the outputs unpenalised",
     "linear_penalty": "group (one group per output neuron, default) or lasso (element-wise, "
                       "as in the paper's LeNet tables) or none",

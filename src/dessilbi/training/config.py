@@ -28,6 +28,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,7 +57,8 @@ _NOT_LEGACY = {"final_lr", "target_macs", "keep_first_layer", "pull", "support",
 # when the key named nothing) keeps the names it gave and every other value names runs of its
 # own; without a target these settings compute nothing, and no default of any release names.
 _FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "pull": ("all", "conv-outside"), "select_at": (0.5,), "support": ("grow",), "reserve": (0,)}
+    "pull": ("all", "conv-outside"), "select_at": (0.5,), "support": ("grow",), "reserve": (0,),
+    "width_prior": (0.0,)}
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class TargetConfig:
     start_at: float = 0.0  # when the support starts moving towards the target (fraction of run)
     reserve: int = 8  # each layer's best units counted first in the ranking (narrow layers)
     score: str = "initial"  # a layer's ‖V_g‖ over its initial unit norm, or its current mean
-    width_prior: float = 0.0  # scores × (mean layer width / layer width)^width_prior
+    width_prior: float = 0.25  # scores × (mean layer width / layer width)^width_prior
 
 
 @dataclass(frozen=True)
@@ -278,28 +280,7 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
                 raise bad(f, "must be a number >= 0")
-        for f in ("target_density", "target_macs"):
-            v = getattr(self, f)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
-                                  or not 0 < v <= 1):
-                raise bad(f, "must be a fraction in (0, 1]")
-            if v is not None and self.optimizer != "dessilbi":
-                raise bad("optimizer", "a sparsity target steers DessiLBI; use --optimizer "
-                          "dessilbi")
-        if self.target_density is not None and self.target_macs is not None:
-            raise bad("target_macs", "aim at units (target_density) or at MACs, not both")
-        if isinstance(self.select_at, bool) or not isinstance(self.select_at, int | float) \
-                or not 0 < self.select_at <= 1:
-            raise bad("select_at", "must be a fraction of the run in (0, 1]")
-        if isinstance(self.start_at, bool) or not isinstance(self.start_at, int | float) \
-                or not 0 <= self.start_at < self.select_at:
-            raise bad("start_at", "must be a fraction of the run in [0, select_at)")
-        if isinstance(self.reserve, bool) or not isinstance(self.reserve, int) \
-                or self.reserve < 0:
-            raise bad("reserve", "must be a whole number of units >= 0")
-        if isinstance(self.width_prior, bool) or not isinstance(self.width_prior, int | float) \
-                or not 0 <= self.width_prior < math.inf:
-            raise bad("width_prior", "must be a number >= 0")
+        self._validate_target(bad)
         if self.lambda_conv is not None and not self.lambda_conv >= 0:
             raise bad("lambda_conv", "must be >= 0")
         if not 0 <= self.momentum < 1:
@@ -327,6 +308,31 @@ class TrainConfig:
         if self.name and (os.sep in self.name or self.name.startswith(".")):
             raise bad("name", "must be a plain folder name")
         return self
+
+    def _validate_target(self, bad: Callable[[str, str], ConfigError]) -> None:
+        """The checks of the sparsity target's settings (``validate``'s part)."""
+        for f in ("target_density", "target_macs"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not 0 < v <= 1):
+                raise bad(f, "must be a fraction in (0, 1]")
+            if v is not None and self.optimizer != "dessilbi":
+                raise bad("optimizer", "a sparsity target steers DessiLBI; use --optimizer "
+                          "dessilbi")
+        if self.target_density is not None and self.target_macs is not None:
+            raise bad("target_macs", "aim at units (target_density) or at MACs, not both")
+        if isinstance(self.select_at, bool) or not isinstance(self.select_at, int | float) \
+                or not 0 < self.select_at <= 1:
+            raise bad("select_at", "must be a fraction of the run in (0, 1]")
+        if isinstance(self.start_at, bool) or not isinstance(self.start_at, int | float) \
+                or not 0 <= self.start_at < self.select_at:
+            raise bad("start_at", "must be a fraction of the run in [0, select_at)")
+        if isinstance(self.reserve, bool) or not isinstance(self.reserve, int) \
+                or self.reserve < 0:
+            raise bad("reserve", "must be a whole number of units >= 0")
+        if isinstance(self.width_prior, bool) or not isinstance(self.width_prior, int | float) \
+                or not 0 <= self.width_prior < math.inf:
+            raise bad("width_prior", "must be a number >= 0")
 
     # ------------------------------------------------------------------ derived
     def resolved(self) -> tuple[TrainConfig, str]:
