@@ -187,8 +187,8 @@ class SparsityTarget:
             mean of LeNet-5's 18 cells (94.47 % both; OTO 94.41), ahead on each Conv-4 cell
             measured (seed 1 at 30 / 50 %, seed 2 at 30 % of units: 91.90 / 92.33 / 92.31 %
             against 91.56 / 92.13 / 91.98 %), for more compute: 0.37 / 0.67 / 0.47 of the
-            dense MACs against 0.05 / 0.12 / 0.06, the convolutions nearly whole. A MACs target ranks by the scores alone. 0: the
-            scores alone.
+            dense MACs against 0.05 / 0.12 / 0.06, the convolutions nearly whole. A MACs
+            target ranks by the scores alone. 0: the scores alone.
         min_units: with global allocation, no layer keeps fewer units than this.
         reserve: with global allocation and a units target, each layer's ``reserve`` best
             units (all of a layer with fewer) come first in the ranking, inside the target's
