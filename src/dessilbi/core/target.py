@@ -383,7 +383,7 @@ class SparsityTarget:
         units_target = self.cost is None
         reserve = reserve_within(self.reserve, sizes, fraction) if units_target else 0
         scores = self._scores(norms, reserve, self.width_prior if units_target else 0.0)
-        if self.cost is None:
+        if units_target:
             k = round(fraction * scores.numel())
         else:
             k = units_within_cost(scores, sizes, self.cost, fraction)
