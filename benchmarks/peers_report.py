@@ -6,7 +6,11 @@ Prints one markdown table per (model, dataset): per target, the mean over seeds 
 accuracy (no fine-tune), the achieved fraction of units kept and the MACs ratio of each method
 (DessiLBI: of each setting of its target, never averaged together).
 With ``--cells``, one table of every (model, dataset, target, seed) instead, a column per method
-and per setting of DessiLBI's target (support, pull, selection), and their means.
+and per setting of DessiLBI's target (support, pull, selection), and their means. With
+``--standing``, one line per (model, dataset, target): DessiLBI against the best peer on the
+means over seeds, then DessiLBI against each peer over the seed cells both have.
+``--dessilbi SETTING`` keeps only the DessiLBI rows of that setting (the column name the tables
+print), for every output and the figure.
 """
 
 from __future__ import annotations
@@ -127,6 +131,47 @@ def cells_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def standing(rows: list[dict[str, Any]]) -> str:
+    """Per (model, dataset, target), DessiLBI's mean accuracy over seeds (MACs kept) against the
+    best peer's (every method but DessiLBI's and the dense network), and the mean difference over
+    the seeds both have; then, per peer, both means over the (model, dataset, target, seed)
+    cells both have."""
+    by_cell: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
+    macs: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if r["method"] not in ("dense", "dessilbi-path", "dessilbi-macs"):
+            key = (r["model"], r["dataset"], r["target"], r["seed"])
+            by_cell[key][r["method"]] = r["accuracy"]
+            macs[key][r["method"]] = r["macs"]
+    out = ["| model, data, units | DessiLBI | best peer | difference (seeds both have) |",
+           "|---|---|---|---|"]
+    for group in sorted({k[:3] for k in by_cell}):
+        seeds = [k for k in by_cell if k[:3] == group]
+        means = {m: (statistics.mean(by_cell[k][m] for k in seeds if m in by_cell[k]),
+                     statistics.mean(macs[k][m] for k in seeds if m in by_cell[k]),
+                     sum(m in by_cell[k] for k in seeds))
+                 for m in {m for k in seeds for m in by_cell[k]}}
+        if "dessilbi" not in means or len(means) < 2:
+            continue
+        ours = means.pop("dessilbi")
+        peer = max(means, key=lambda m: means[m][0])
+        paired = [by_cell[k]["dessilbi"] - by_cell[k][peer] for k in seeds
+                  if {"dessilbi", peer} <= by_cell[k].keys()]
+        out.append(f"| {group[0]}, {group[1]}, {group[2]:.2f} | {ours[0]:.2f} ({ours[1]:.3f}, "
+                   f"n={ours[2]}) | {peer} {means[peer][0]:.2f} ({means[peer][1]:.3f}, "
+                   f"n={means[peer][2]}) | {statistics.mean(paired):+.2f} (n={len(paired)}) |")
+    for peer in sorted({m for cell in by_cell.values() for m in cell} - {"dessilbi"}):
+        both = [c for c in by_cell.values() if "dessilbi" in c and peer in c]
+        ahead = sum(c["dessilbi"] >= c[peer] for c in both)
+        near = sum(c["dessilbi"] >= c[peer] - 0.3 for c in both)
+        out.append(f"\nOver the {len(both)} cells with {peer}: DessiLBI "
+                   f"{statistics.mean(c['dessilbi'] for c in both):.2f}, {peer} "
+                   f"{statistics.mean(c[peer] for c in both):.2f}; at or above it in {ahead}, "
+                   f"within 0.3 points in {near}, worst "
+                   f"{min(c['dessilbi'] - c[peer] for c in both):+.2f}.")
+    return "\n".join(out)
+
+
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -157,10 +202,15 @@ def main() -> None:
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--figure", type=Path)
     ap.add_argument("--cells", action="store_true", help="one line per cell and seed")
+    ap.add_argument("--standing", action="store_true", help="DessiLBI against the best peer")
+    ap.add_argument("--dessilbi", metavar="SETTING",
+                    help="keep only DessiLBI's rows of this setting (a column name of the tables)")
     args = ap.parse_args()
     rows = [r for r in load(args.results) if "method" in r and "epoch" not in r]  # no traces
-    if args.cells:
-        print(cells_table(rows))
+    if args.dessilbi:
+        rows = [r for r in rows if r["method"] != "dessilbi" or setting(r) == args.dessilbi]
+    if args.cells or args.standing:
+        print(cells_table(rows) if args.cells else standing(rows))
         return
     for model, dataset in sorted({(r["model"], r["dataset"]) for r in rows}):
         print(f"### {model} on {dataset}\n")

@@ -69,3 +69,33 @@ def test_table_averages_seeds_per_setting_never_across_settings():
     assert lines[5] == "| mean (targets) | 80.00 (1) | 91.50 (1) | 91.00 (1) |"
     with_dense = peers_report.table(rows + [{**row("dense", 0, 93.0), "units": 1.0}])
     assert with_dense.splitlines()[0] == "Dense SGD-momentum: 93.00 % (seeds [0, 1])."
+
+
+def test_standing_compares_with_the_best_peer_on_the_seeds_both_have():
+    ours = {"support": "shrink", "pull": "outside", "select_at": 0.3}
+    rows = [row("dessilbi", 0, 91.0, **ours), row("dessilbi", 1, 92.0, **ours),
+            row("oto", 0, 91.5), row("oto", 1, 91.7), row("oto", 2, 95.0),
+            row("tp-reg", 0, 80.0), row("dense", 0, 93.0), row("dessilbi-path", 0, 99.0)]
+    lines = peers_report.standing(rows).splitlines()
+    # OTO's mean is over its three seeds; the difference only over the two DessiLBI has.
+    assert lines[2] == ("| conv4, fashion-mnist, 0.50 | 91.50 (0.250, n=2) | "
+                        "oto 92.73 (0.250, n=3) | -0.10 (n=2) |")
+    assert lines[4] == ("Over the 2 cells with oto: DessiLBI 91.50, oto 91.60; at or above it "
+                        "in 1, within 0.3 points in 1, worst -0.50.")
+    assert lines[6].startswith("Over the 1 cells with tp-reg: DessiLBI 91.00, tp-reg 80.00")
+    assert len(lines) == 7  # neither the dense network nor the pure path counts as a peer
+
+
+def test_the_dessilbi_option_keeps_one_setting_and_every_peer(tmp_path, monkeypatch, capsys):
+    import json
+
+    rows = [row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
+            row("dessilbi", 0, 80.0, pull="conv-outside"), row("oto", 0, 91.5)]
+    results = tmp_path / "rows.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["peers_report", str(results), "--cells",
+                                      "--dessilbi", "dessilbi shrink / outside / 0.3"])
+    peers_report.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| model, data, units, seed | dessilbi shrink / outside / 0.3 | oto |"
+    assert lines[2] == "| conv4, fashion-mnist, 0.50, 0 | 91.00 (0.250) | **91.50 (0.250)** |"
