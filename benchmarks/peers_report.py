@@ -9,8 +9,9 @@ With ``--cells``, one table of every (model, dataset, target, seed) instead, a c
 and per setting of DessiLBI's target (support, pull, selection), and their means. With
 ``--standing``, one line per (model, dataset, target): DessiLBI against the best peer on the
 means over seeds, then DessiLBI against each peer over the seed cells both have.
-``--dessilbi SETTING`` keeps only the DessiLBI rows of that setting (the column name the tables
-print), for every output and the figure.
+``--dessilbi SETTING`` keeps, of DessiLBI's rows, only those of that setting (the column name the
+tables print; the pure path and the MACs-aimed rows are left out too), for every output and the
+figure.
 """
 
 from __future__ import annotations
@@ -204,11 +205,12 @@ def main() -> None:
     ap.add_argument("--cells", action="store_true", help="one line per cell and seed")
     ap.add_argument("--standing", action="store_true", help="DessiLBI against the best peer")
     ap.add_argument("--dessilbi", metavar="SETTING",
-                    help="keep only DessiLBI's rows of this setting (a column name of the tables)")
+                    help="of DessiLBI's rows keep only this setting's (a table's column name)")
     args = ap.parse_args()
     rows = [r for r in load(args.results) if "method" in r and "epoch" not in r]  # no traces
     if args.dessilbi:
-        rows = [r for r in rows if r["method"] != "dessilbi" or setting(r) == args.dessilbi]
+        rows = [r for r in rows
+                if not r["method"].startswith("dessilbi") or setting(r) == args.dessilbi]
     if args.cells or args.standing:
         print(cells_table(rows) if args.cells else standing(rows))
         return

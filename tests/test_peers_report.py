@@ -90,7 +90,8 @@ def test_the_dessilbi_option_keeps_one_setting_and_every_peer(tmp_path, monkeypa
     import json
 
     rows = [row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
-            row("dessilbi", 0, 80.0, pull="conv-outside"), row("oto", 0, 91.5)]
+            row("dessilbi", 0, 80.0, pull="conv-outside"), row("dessilbi-path", 0, 70.0),
+            row("oto", 0, 91.5)]
     results = tmp_path / "rows.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(sys, "argv", ["peers_report", str(results), "--cells",
