@@ -100,3 +100,15 @@ def test_the_dessilbi_option_keeps_one_setting_and_every_peer(tmp_path, monkeypa
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| model, data, units, seed | dessilbi shrink / outside / 0.3 | oto |"
     assert lines[2] == "| conv4, fashion-mnist, 0.50, 0 | 91.00 (0.250) | **91.50 (0.250)** |"
+
+
+def test_the_figure_has_a_column_per_model_and_data_and_a_zoomed_row(tmp_path):
+    import matplotlib.image
+
+    rows = [{**row(m, seed, acc), "units": 0.5} for m, seed, acc in (
+        ("dessilbi", 0, 91.0), ("dessilbi", 1, 92.0), ("oto", 0, 91.5), ("tp-reg", 0, 40.0))]
+    rows.append({**rows[0], "model": "lenet5"})
+    path = tmp_path / "figure.png"
+    peers_report.figure(rows, path)
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert (height, width) == (900, 1200)  # two rows of 7.5 in, two columns of 5 in, 120 dpi
