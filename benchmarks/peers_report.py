@@ -136,7 +136,11 @@ def standing(rows: list[dict[str, Any]]) -> str:
     """Per (model, dataset, target), DessiLBI's mean accuracy over seeds (MACs kept) against the
     best peer's (every method but DessiLBI's and the dense network), and the mean difference over
     the seeds both have; then, per peer, both means over the (model, dataset, target, seed)
-    cells both have."""
+    cells both have. The rows hold one setting of DessiLBI (``--dessilbi``), never several."""
+    settings = sorted({setting(r) for r in rows if r["method"] == "dessilbi"})
+    if len(settings) > 1:
+        raise ValueError("the standing compares one setting of DessiLBI; choose one with "
+                         "--dessilbi: " + "; ".join(settings))
     by_cell: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     macs: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     for r in rows:
@@ -163,6 +167,8 @@ def standing(rows: list[dict[str, Any]]) -> str:
                    f"n={means[peer][2]}) | {statistics.mean(paired):+.2f} (n={len(paired)}) |")
     for peer in sorted({m for cell in by_cell.values() for m in cell} - {"dessilbi"}):
         both = [c for c in by_cell.values() if "dessilbi" in c and peer in c]
+        if not both:
+            continue
         ahead = sum(c["dessilbi"] >= c[peer] for c in both)
         near = sum(c["dessilbi"] >= c[peer] - 0.3 for c in both)
         out.append(f"\nOver the {len(both)} cells with {peer}: DessiLBI "
@@ -227,7 +233,10 @@ def main() -> None:
         rows = [r for r in rows
                 if not r["method"].startswith("dessilbi") or setting(r) == args.dessilbi]
     if args.cells or args.standing:
-        print(cells_table(rows) if args.cells else standing(rows))
+        try:
+            print(cells_table(rows) if args.cells else standing(rows))
+        except ValueError as err:
+            ap.error(str(err))
         return
     for model, dataset in sorted({(r["model"], r["dataset"]) for r in rows}):
         print(f"### {model} on {dataset}\n")

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers_report  # noqa: E402
 
@@ -84,6 +86,14 @@ def test_standing_compares_with_the_best_peer_on_the_seeds_both_have():
                         "in 1, within 0.3 points in 1, worst -0.50.")
     assert lines[6].startswith("Over the 1 cells with tp-reg: DessiLBI 91.00, tp-reg 80.00")
     assert len(lines) == 7  # neither the dense network nor the pure path counts as a peer
+
+
+def test_standing_refuses_two_settings_of_dessilbi():
+    rows = [row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
+            row("dessilbi", 0, 80.0, pull="conv-outside"), row("oto", 0, 91.5)]
+    with pytest.raises(ValueError, match="--dessilbi: dessilbi grow / conv-outside / 0.5; "
+                                         "dessilbi shrink / outside / 0.3"):
+        peers_report.standing(rows)
 
 
 def test_the_dessilbi_option_keeps_one_setting_and_every_peer(tmp_path, monkeypatch, capsys):
