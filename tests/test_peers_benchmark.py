@@ -41,3 +41,22 @@ def test_a_dense_run_when_asked_for_gives_its_row_and_the_time_ratio(tmp_path, m
     dense, row = [json.loads(x) for x in out.read_text().splitlines()]
     assert dense["method"] == "dense" and dense["units"] == 1.0
     assert row["method"] == "dessilbi" and row["epoch_time_ratio"] > 0
+
+
+def test_tp_reg_trained_once_per_seed_prunes_as_a_run_per_target(tmp_path, monkeypatch):
+    """The cached regularised network, pruned at each target, gives the rows that training it
+    again for each target gives (the regulariser does not depend on the ratio)."""
+    make_mnist(tmp_path, "FashionMNIST", n_train=256, n_test=64)
+
+    def rows(out: Path, *targets: str) -> list[dict]:
+        monkeypatch.setattr(sys, "argv", [
+            "peers.py", "--model", "lenet5", "--data-dir", str(tmp_path), "--epochs", "1",
+            "--methods", "tp-reg", "--targets", *targets, "--out", str(out)])
+        peers.main()
+        return [json.loads(x) for x in out.read_text().splitlines()]
+
+    once = rows(tmp_path / "once.jsonl", "0.3", "0.7")
+    apart = rows(tmp_path / "a.jsonl", "0.3") + rows(tmp_path / "b.jsonl", "0.7")
+    keys = ("target", "accuracy", "units", "macs", "layer_units")
+    assert [{k: r[k] for k in keys} for r in once] == [{k: r[k] for k in keys} for r in apart]
+    assert once[0]["units"] < once[1]["units"]  # each target pruned from the whole network
