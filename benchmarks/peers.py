@@ -270,7 +270,7 @@ def run_tp_reg(setup: Setup, data: Data, init: dict[str, Tensor], target: float,
         pruner = _tp_pruner("reg", model, data.x_test[:2], target)
         seconds = train(setup, data, model, sgd(model, setup.lr),
                         after_backward=lambda: pruner.regularize(model))
-        cache["tp-reg"] = (copy.deepcopy(model), seconds)
+        cache["tp-reg"] = (model, seconds)  # never pruned itself: each target prunes a copy
     trained, seconds = cache["tp-reg"]
     model = copy.deepcopy(trained)
     _tp_pruner("reg", model, data.x_test[:2], target).step()
