@@ -386,6 +386,9 @@ def main() -> None:
                          "its width)^P (default 0.25; 0: the rows without a width_prior field)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every method "
                     "trains, from the same initial weights")
+    ap.add_argument("--oto-rows", type=Path, nargs="+", default=[],
+                    help="JSON lines with OTO's rows: dessilbi-macs aims at the MACs OTO kept "
+                         "in the same cell there instead of running OTO again")
     ap.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
     ap.add_argument("--trace", type=Path, help="JSON lines, appended: after every epoch of a "
                     "dessilbi run, the accuracy of the whole and of the pruned network")
@@ -416,13 +419,27 @@ def main() -> None:
                              "params": 1.0, "epoch_time_ratio": 1.0})
         cache: dict[str, Any] = {}  # what a method trains once per seed for every target
         for target in args.targets:
-            oto_macs = None
+            oto_macs = oto_macs_in(args.oto_rows, setup, target) if args.oto_rows else None
             for method in sorted(args.methods, key=METHODS.index):
                 if method != "dense":
                     row = measure(setup, data, method, target, init, dense, cost, dense_units,
                                   dense_seconds, oto_macs, args.trace, cache)
                     write(args.out, row)
                     oto_macs = row["macs"] if method == "oto" else oto_macs
+
+
+def oto_macs_in(paths: list[Path], setup: Setup, target: float) -> float:
+    """The MACs OTO kept in the cell of ``setup`` (model, data, seed, budget) at ``target``,
+    read from earlier rows; the one value all the matching rows agree on."""
+    cell = ("model", "dataset", "seed", "epochs", "lr", "batch_size", "max_batches")
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines()
+            if line.strip()]
+    found = {row["macs"] for row in rows if row.get("method") == "oto"
+             and row["target"] == target and all(row.get(k) == getattr(setup, k) for k in cell)}
+    if len(found) != 1:
+        raise SystemExit(f"--oto-rows: {len(found)} different OTO MACs for seed {setup.seed}, "
+                         f"target {target} of {setup.model} / {setup.dataset}; need exactly 1")
+    return found.pop()
 
 
 def write(path: Path, row: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from test_data import make_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -60,3 +61,29 @@ def test_tp_reg_trained_once_per_seed_prunes_as_a_run_per_target(tmp_path, monke
     keys = ("target", "accuracy", "units", "macs", "layer_units")
     assert [{k: r[k] for k in keys} for r in once] == [{k: r[k] for k in keys} for r in apart]
     assert once[0]["units"] < once[1]["units"]  # each target pruned from the whole network
+
+
+def test_dessilbi_macs_aims_at_otos_macs_read_from_earlier_rows(tmp_path, monkeypatch):
+    make_mnist(tmp_path, "FashionMNIST", n_train=256, n_test=64)
+    cell = {"model": "lenet5", "dataset": "fashion-mnist", "seed": 0, "epochs": 1, "lr": 0.05,
+            "batch_size": 128, "max_batches": 0, "method": "oto"}
+    rows = tmp_path / "oto.jsonl"
+    rows.write_text("\n".join(json.dumps({**cell, **extra}) for extra in (
+        {"target": 0.5, "macs": 0.42},
+        {"target": 0.3, "macs": 0.2},
+        {"target": 0.5, "macs": 0.9, "seed": 1},  # another cell
+        {"target": 0.5, "macs": 0.8, "method": "dessilbi"})) + "\n")
+    aimed = []
+    monkeypatch.setattr(peers, "measure", lambda *a: aimed.append(a[9]) or {"method": a[2]})
+
+    def run(*targets: str) -> None:
+        monkeypatch.setattr(sys, "argv", [
+            "peers.py", "--model", "lenet5", "--data-dir", str(tmp_path), "--epochs", "1",
+            "--methods", "dessilbi-macs", "--targets", *targets, "--oto-rows", str(rows),
+            "--out", str(tmp_path / "out.jsonl")])
+        peers.main()
+
+    run("0.5", "0.3")
+    assert aimed == [0.42, 0.2]
+    with pytest.raises(SystemExit, match="0 different OTO MACs"):
+        run("0.7")
