@@ -73,12 +73,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+AIMED = ("dessilbi", "dessilbi-macs")  # DessiLBI with SparsityTarget: a column per setting
+
+
 def setting(row: dict[str, Any]) -> str:
-    """The column of a row: its method, for DessiLBI with its target's settings (the keys a
-    row lacks were not options yet: their values then)."""
-    if row["method"] != "dessilbi":
+    """The column of a row: its method, for DessiLBI aimed by SparsityTarget (at units or at
+    MACs) with the target's settings (the keys a row lacks were not options yet: their values
+    then)."""
+    if row["method"] not in AIMED:
         return row["method"]
-    parts = [f"dessilbi {row.get('support', 'grow')}", row.get("pull", "all"),
+    parts = [f"{row['method']} {row.get('support', 'grow')}", row.get("pull", "all"),
              str(row.get("select_at", 0.5))]
     if row.get("path_speed") != 1.0:
         parts.append(f"path speed {row.get('path_speed', 10.0):g}")
@@ -226,12 +230,14 @@ def main() -> None:
     ap.add_argument("--cells", action="store_true", help="one line per cell and seed")
     ap.add_argument("--standing", action="store_true", help="DessiLBI against the best peer")
     ap.add_argument("--dessilbi", metavar="SETTING",
-                    help="of DessiLBI's rows keep only this setting's (a table's column name)")
+                    help="of DessiLBI's rows keep only this setting's (a table's column name; "
+                         "the rows aimed at MACs with the same settings stay too)")
     args = ap.parse_args()
     rows = [r for r in load(args.results) if "method" in r and "epoch" not in r]  # no traces
-    if args.dessilbi:
-        rows = [r for r in rows
-                if not r["method"].startswith("dessilbi") or setting(r) == args.dessilbi]
+    if args.dessilbi:  # the DessiLBI rows of this setting, aimed at units or at MACs
+        chosen = args.dessilbi.split(" ", 1)[1:]
+        rows = [r for r in rows if not r["method"].startswith("dessilbi")
+                or (r["method"] in AIMED and setting(r).split(" ", 1)[1:] == chosen)]
     if args.cells or args.standing:
         try:
             print(cells_table(rows) if args.cells else standing(rows))

@@ -122,3 +122,22 @@ def test_the_figure_has_a_column_per_model_and_data_and_a_zoomed_row(tmp_path):
     peers_report.figure(rows, path)
     height, width = matplotlib.image.imread(path).shape[:2]
     assert (height, width) == (900, 1200)  # two rows of 7.5 in, two columns of 5 in, 120 dpi
+
+
+def test_the_dessilbi_option_keeps_the_rows_aimed_at_macs_with_the_same_settings(
+        tmp_path, monkeypatch, capsys):
+    import json
+
+    same = dict(support="shrink", pull="outside", select_at=0.3)
+    rows = [row("dessilbi", 0, 91.0, **same), row("dessilbi-macs", 0, 91.2, **same),
+            row("dessilbi-macs", 0, 60.0, pull="conv-outside"), row("oto", 0, 91.5)]
+    assert peers_report.setting(rows[1]) == "dessilbi-macs shrink / outside / 0.3"
+    results = tmp_path / "rows.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(sys, "argv", ["peers_report", str(results), "--cells",
+                                      "--dessilbi", "dessilbi shrink / outside / 0.3"])
+    peers_report.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| model, data, units, seed | dessilbi shrink / outside / 0.3 | oto | "
+                        "dessilbi-macs shrink / outside / 0.3 |")
+    assert lines[2].endswith("| 91.00 (0.250) | **91.50 (0.250)** | 91.20 (0.250) |")
