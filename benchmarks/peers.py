@@ -8,7 +8,8 @@ parameters relative to the dense network and the time per epoch relative to SGD-
 
 Methods: ``dense`` (SGD-momentum), ``dessilbi`` (SparsityTarget, select then train),
 ``dessilbi-path`` (the pure path, no freezing), ``oto`` (HESSO, ``target_group_sparsity``),
-``dessilbi-macs`` (SparsityTarget aimed at the MACs OTO kept at the same target: compute-matched),
+``dessilbi-macs`` (SparsityTarget aimed at the MACs OTO kept at the same target: compute-matched;
+OTO runs first in the same call, or its earlier rows are read with ``--oto-rows FILE ...``),
 ``tp-reg`` (Torch-Pruning GroupNorm-regularised sparse training, pruned at the end),
 ``tp-mag`` / ``tp-mag-ft`` (magnitude pruning of the dense network, no fine-tune / +2 epochs).
 
