@@ -96,18 +96,23 @@ def test_standing_refuses_two_settings_of_dessilbi():
         peers_report.standing(rows)
 
 
-def test_the_dessilbi_option_keeps_one_setting_and_every_peer(tmp_path, monkeypatch, capsys):
+def cells_keeping(setting, rows, tmp_path, monkeypatch, capsys):
+    """The lines ``peers_report --cells --dessilbi setting`` prints for ``rows``."""
     import json
 
-    rows = [row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
-            row("dessilbi", 0, 80.0, pull="conv-outside"), row("dessilbi-path", 0, 70.0),
-            row("oto", 0, 91.5)]
     results = tmp_path / "rows.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(sys, "argv", ["peers_report", str(results), "--cells",
-                                      "--dessilbi", "dessilbi shrink / outside / 0.3"])
+                                      "--dessilbi", setting])
     peers_report.main()
-    lines = capsys.readouterr().out.splitlines()
+    return capsys.readouterr().out.splitlines()
+
+
+def test_the_dessilbi_option_keeps_one_setting_and_every_peer(tmp_path, monkeypatch, capsys):
+    rows = [row("dessilbi", 0, 91.0, support="shrink", pull="outside", select_at=0.3),
+            row("dessilbi", 0, 80.0, pull="conv-outside"), row("dessilbi-path", 0, 70.0),
+            row("oto", 0, 91.5)]
+    lines = cells_keeping("dessilbi shrink / outside / 0.3", rows, tmp_path, monkeypatch, capsys)
     assert lines[0] == "| model, data, units, seed | dessilbi shrink / outside / 0.3 | oto |"
     assert lines[2] == "| conv4, fashion-mnist, 0.50, 0 | 91.00 (0.250) | **91.50 (0.250)** |"
 
@@ -126,18 +131,11 @@ def test_the_figure_has_a_column_per_model_and_data_and_a_zoomed_row(tmp_path):
 
 def test_the_dessilbi_option_keeps_the_rows_aimed_at_macs_with_the_same_settings(
         tmp_path, monkeypatch, capsys):
-    import json
-
     same = dict(support="shrink", pull="outside", select_at=0.3)
     rows = [row("dessilbi", 0, 91.0, **same), row("dessilbi-macs", 0, 91.2, **same),
             row("dessilbi-macs", 0, 60.0, pull="conv-outside"), row("oto", 0, 91.5)]
     assert peers_report.setting(rows[1]) == "dessilbi-macs shrink / outside / 0.3"
-    results = tmp_path / "rows.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setattr(sys, "argv", ["peers_report", str(results), "--cells",
-                                      "--dessilbi", "dessilbi shrink / outside / 0.3"])
-    peers_report.main()
-    lines = capsys.readouterr().out.splitlines()
+    lines = cells_keeping("dessilbi shrink / outside / 0.3", rows, tmp_path, monkeypatch, capsys)
     assert lines[0] == ("| model, data, units, seed | dessilbi shrink / outside / 0.3 | oto | "
                         "dessilbi-macs shrink / outside / 0.3 |")
     assert lines[2].endswith("| 91.00 (0.250) | **91.50 (0.250)** | 91.20 (0.250) |")
