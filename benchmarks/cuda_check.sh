@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks to run when a CUDA device is at hand, in one go (about 6 minutes on an H200):
+# The checks to run when a CUDA device is at hand, in one go (about 7 minutes on an H200):
 # the CUDA tests, the optimizer step on ResNet-56 and VGG16-BN shapes with the optimizers built
 # in five rotated orders (the first DessiLBI built measures slower, docs/cuda.md), LeNet-3
 # iterations (issue 11's target is per iteration: forward + backward + step on a fixed batch,
