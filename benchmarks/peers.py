@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peers_report import load
 from torch import Tensor, nn
 
 from dessilbi import DessiLBI, lbi_param_groups
@@ -400,6 +401,7 @@ def main() -> None:
     # the dense network is trained only for a method that needs it (its row, the time ratio,
     # magnitude pruning); the costs are the architecture's either way
     needs_dense = bool(NEEDS_DENSE & set(args.methods))
+    oto_rows = load(args.oto_rows)  # read once for every seed and target
     for seed in args.seeds:
         setup = Setup(args.model, args.dataset, args.data_dir, seed, args.epochs, args.lr,
                       args.batch_size, args.max_batches, args.allocation, args.path_speed,
@@ -420,7 +422,7 @@ def main() -> None:
                              "params": 1.0, "epoch_time_ratio": 1.0})
         cache: dict[str, Any] = {}  # what a method trains once per seed for every target
         for target in args.targets:
-            oto_macs = oto_macs_in(args.oto_rows, setup, target) if args.oto_rows else None
+            oto_macs = oto_macs_in(oto_rows, setup, target) if args.oto_rows else None
             for method in sorted(args.methods, key=METHODS.index):
                 if method != "dense":
                     row = measure(setup, data, method, target, init, dense, cost, dense_units,
@@ -429,12 +431,10 @@ def main() -> None:
                     oto_macs = row["macs"] if method == "oto" else oto_macs
 
 
-def oto_macs_in(paths: list[Path], setup: Setup, target: float) -> float:
+def oto_macs_in(rows: list[dict[str, Any]], setup: Setup, target: float) -> float:
     """The MACs OTO kept in the cell of ``setup`` (model, data, seed, budget) at ``target``,
-    read from earlier rows; the one value all the matching rows agree on."""
+    in earlier ``rows``; the one value all the matching rows agree on."""
     cell = ("model", "dataset", "seed", "epochs", "lr", "batch_size", "max_batches")
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines()
-            if line.strip()]
     found = {row["macs"] for row in rows if row.get("method") == "oto"
              and row["target"] == target and all(row.get(k) == getattr(setup, k) for k in cell)}
     if len(found) != 1:
